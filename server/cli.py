@@ -1,14 +1,19 @@
 """The `amygdala` console script.
 
-Each package contributes its own Typer sub-app; this module only composes them, importing
-lazily so `amygdala corpus check` does not pay for importing torch.
+Each package contributes its own Typer sub-app; this module only composes them. Sub-apps import
+their heavy dependencies (torch, transformers) inside commands, so `amygdala corpus check` or
+`amygdala --help` stay fast.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import typer
 
 from corpus.cli import app as corpus_app
+from engine.cli import generate_cmd, model_app
 
 app = typer.Typer(
     name="amygdala",
@@ -17,9 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(model_app, name="model")
+app.command("generate")(generate_cmd)
 
 
 def main() -> None:
+    logging.basicConfig(level=os.environ.get("AMYGDALA_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     app()
 
 

@@ -1,0 +1,83 @@
+"""`amygdala model ...` and `amygdala generate`, plus the shared options every command takes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import Config
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory (default $AMYGDALA_HOME or ~/.local/share/amygdala).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Local HuggingFace causal-LM directory; default: the embedded Gemma 3 270M.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="torch device (default cpu).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch intra-op threads.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", help="Longest accepted text in tokens (default 2048).")]
+
+
+def make_config(home: Optional[Path] = None, model: Optional[str] = None, device: Optional[str] = None,
+                threads: Optional[int] = None, max_tokens: Optional[int] = None) -> Config:
+    return Config.load(home=home, model=model, device=device, threads=threads, max_tokens=max_tokens)
+
+
+def echo_err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def load_or_exit(config: Config):
+    """Load the model, turning a ModelError into a one-line message and exit code 2."""
+    from .model import ModelError, load_model
+
+    try:
+        return load_model(config, echo=echo_err)
+    except ModelError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
+
+
+model_app = typer.Typer(help="Inspect the served model.", no_args_is_help=True)
+
+
+@model_app.command("info")
+def info(home: HomeOpt = None, model: ModelOpt = None, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Name, layers (with relative depth), hidden size, cache path."""
+    cfg = make_config(home, model)
+    lm = load_or_exit(cfg)
+    data = lm.info()
+    data["cache_path"] = str(lm.path)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for k, v in data.items():
+        typer.echo(f"{k:>12}: {v}")
+    typer.echo(f"{'depths':>12}: " + ", ".join(lm.describe_layer(i) for i in range(lm.n_layers)))
+
+
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=4096),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+    home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
+) -> None:
+    """Generate a continuation (greedy by default, seedable when sampling)."""
+    from .generation import generate
+    from .tokens import TextError, encode
+
+    cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
+    lm = load_or_exit(cfg)
+    try:
+        ids = encode(lm.tokenizer, prompt, cfg.max_tokens, cfg.truncation, what="prompt")
+    except TextError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    res = generate(lm, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, "text": res.text, "tokens": len(res.token_ids), "finish_reason": res.finish_reason}))
+    else:
+        sys.stdout.write(prompt + res.text + "\n")

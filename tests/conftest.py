@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny in-process model for fast tests, the real embedded model for `slow` ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from engine.testing import tiny_model
+
+    return tiny_model()
+
+
+@pytest.fixture
+def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("AMYGDALA_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def embedded_config():
+    """Config for slow tests: the real model cache in AMYGDALA_HOME (converted once, reused across runs)."""
+    from engine.config import Config
+
+    return Config.load(home=os.environ.get("AMYGDALA_HOME"))
+
+
+@pytest.fixture(scope="session")
+def embedded_lm(embedded_config):
+    from engine.model import load_model
+
+    return load_model(embedded_config)

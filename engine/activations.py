@@ -114,14 +114,36 @@ def pooled_activations(lm: LoadedModel, token_ids: Sequence[Sequence[int]], laye
                        max_batch: int = 32, max_batch_tokens: int = 4096, padding_side: PaddingSide = "right",
                        progress: bool | str = False) -> dict[int, torch.Tensor]:
     """Pooled residuals {layer: (n_texts, hidden)} in float32 on CPU, in input order."""
+    res = multi_pooled_activations(lm, token_ids, layers, [pooling], max_batch, max_batch_tokens, padding_side, progress)
+    return res.pooled[pooling]
+
+
+@dataclass
+class ActivationResult:
+    """Several poolings of the same forward passes, plus the typical per-token residual norm.
+
+    The norm (mean L2 norm of token residuals, BOS excluded because its residual is an outlier in
+    most models) is the unit steering strengths are expressed in.
+    """
+
+    pooled: dict[Pooling, dict[int, torch.Tensor]]
+    token_norm: dict[int, float]
+    n_tokens: int
+
+
+def multi_pooled_activations(lm: LoadedModel, token_ids: Sequence[Sequence[int]], layers: list[int],
+                             poolings: Sequence[Pooling], max_batch: int = 32, max_batch_tokens: int = 4096,
+                             padding_side: PaddingSide = "right", progress: bool | str = False) -> ActivationResult:
+    """One body pass per batch, pooled every requested way: comparing poolings costs no extra forwards."""
     layers = lm.check_layers(layers)
-    if not token_ids:
-        return {i: torch.empty(0, lm.hidden_size) for i in layers}
+    poolings = list(dict.fromkeys(poolings))
     if any(len(s) == 0 for s in token_ids):
         raise ValueError("a text encoded to zero tokens; every text needs at least one token")
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    out = {i: torch.empty(len(token_ids), lm.hidden_size) for i in layers}
-    batches = length_batches([len(s) for s in token_ids], max_batch, max_batch_tokens)
+    out = {p: {i: torch.empty(len(token_ids), lm.hidden_size) for i in layers} for p in poolings}
+    norm_sum = {i: 0.0 for i in layers}
+    norm_count = 0
+    batches = length_batches([len(s) for s in token_ids], max_batch, max_batch_tokens) if token_ids else []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -132,14 +154,20 @@ def pooled_activations(lm: LoadedModel, token_ids: Sequence[Sequence[int]], laye
         for batch in batches:
             ids, mask, pos = pad_batch([token_ids[i] for i in batch], pad_id, padding_side, lm.device)
             res = forward_body(lm, ids, mask, pos, layers)
+            body_mask = (mask.bool() & (pos > 0)).unsqueeze(-1)  # real tokens except the first (BOS)
+            norm_count += int(body_mask.sum())
             for layer, r in res.items():
-                out[layer][batch] = pool(r.float(), mask, pooling).cpu()
+                r = r.float()
+                for p in poolings:
+                    out[p][layer][batch] = pool(r, mask, p).cpu()
+                norm_sum[layer] += float((r.norm(dim=-1, keepdim=True) * body_mask).sum())
             if bar is not None:
                 bar.update(int(mask.sum()))
     finally:
         if bar is not None:
             bar.close()
-    return out
+    token_norm = {i: norm_sum[i] / max(norm_count, 1) for i in layers}
+    return ActivationResult(pooled=out, token_norm=token_norm, n_tokens=sum(len(s) for s in token_ids))
 
 
 def token_activations(lm: LoadedModel, token_ids: Sequence[int], layers: list[int]) -> dict[int, torch.Tensor]:

@@ -14,6 +14,8 @@ import typer
 
 from corpus.cli import app as corpus_app
 from engine.cli import generate_cmd, model_app
+from training.cli import readout_cmd, vectors_app
+from training.steer_cli import steer_app
 
 app = typer.Typer(
     name="amygdala",
@@ -24,6 +26,9 @@ app = typer.Typer(
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.command("generate")(generate_cmd)
+app.add_typer(vectors_app, name="vectors")
+app.command("readout")(readout_cmd)
+app.add_typer(steer_app, name="steer")
 
 
 def main() -> None:

@@ -1,0 +1,327 @@
+"""Emotion readout: files on disk, validation on load, and scoring.
+
+Score formula, per layer l and concept c, for a pooled residual x (see Pooling):
+
+    u      = (x - center_l) / scale_l          (scale_l = 1 when the readout is not standardised)
+    s_c    = u . v_{l,c}                       (v = unit readout vector, `layer_<l>.vectors`)
+    z_c    = (s_c - score_mean_{l,c}) / score_std_{l,c}
+
+score_mean and score_std are the statistics of s_c over the training corpus, so z is "standard
+deviations above this concept's corpus average": comparable across concepts, layers and texts.
+The readout's headline score is the mean of z over the default layers (chosen by validation).
+
+At decode time a mean-pooled readout reads a running window of the most recent `window` token
+residuals (default 64, about half a corpus story), so a score during generation means what it
+meant in training: the mean state over a stretch of text, not one token's noise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .activations import Pooling, multi_pooled_activations, token_activations
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "readout.safetensors"
+MANIFEST_FILE = "readout.json"
+PER_LAYER = ("vectors", "directions", "center", "scale", "score_mean", "score_std", "residual_norm")
+DEFAULT_WINDOW = 64
+
+
+class ReadoutError(ValueError):
+    """A readout file that does not fit the model or itself; the message says what to do."""
+
+
+class ModelRef(BaseModel):
+    name: str
+    weights_hash: str
+    n_layers: int
+
+
+class ReadoutManifest(BaseModel):
+    """`readout.json`: everything needed to interpret `readout.safetensors`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    concepts: list[str]
+    families: list[str] = Field(description="family of each concept, same order as concepts")
+    layers: list[int]
+    hidden_size: int
+    dtype: str = "float32"
+    model: ModelRef
+    pooling: str
+    standardize: bool
+    pca_share: float = 0.0
+    window: int = DEFAULT_WINDOW
+    default_layers: list[int]
+    corpus_hash: str = ""
+    created: float = Field(default_factory=time.time)
+    validation: dict = Field(default_factory=dict)
+
+
+@dataclass
+class LayerReadout:
+    vectors: torch.Tensor  # (C, H) unit rows, readout space
+    directions: torch.Tensor  # (C, H) unit rows, raw residual space (steering, GGUF export)
+    center: torch.Tensor  # (H,)
+    scale: torch.Tensor  # (H,)
+    score_mean: torch.Tensor  # (C,)
+    score_std: torch.Tensor  # (C,)
+    residual_norm: torch.Tensor  # () typical token residual norm at this layer
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) pooled residuals -> (..., C) z-scores."""
+        u = (x.float() - self.center) / self.scale
+        return (u @ self.vectors.T - self.score_mean) / self.score_std
+
+
+@dataclass
+class TextScores:
+    """Scores of one text: z per concept per layer, and their mean over the layers read."""
+
+    per_layer: dict[int, torch.Tensor]  # layer -> (C,)
+    combined: torch.Tensor  # (C,)
+
+
+class ReadoutManager:
+    """Loads a readout, checks it against the model, and scores text with it."""
+
+    def __init__(self, manifest: ReadoutManifest, layers: dict[int, LayerReadout], lm: "LoadedModel | None" = None,
+                 max_tokens: int = 2048, truncation: str = "error"):
+        self.manifest = manifest
+        self.layers = layers
+        self.lm = lm
+        self.max_tokens = max_tokens
+        self.truncation = truncation
+        self._index = {c: i for i, c in enumerate(manifest.concepts)}
+        _check_consistent(manifest, layers, where="readout")
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def concepts(self) -> list[str]:
+        return self.manifest.concepts
+
+    @property
+    def pooling(self) -> Pooling:
+        return Pooling.parse(self.manifest.pooling)
+
+    @property
+    def default_layers(self) -> list[int]:
+        return list(self.manifest.default_layers)
+
+    def concept_index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            close = [c for c in self.concepts if name.lower()[:4] in c][:8]
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown concept {name!r}; valid concepts are the {len(self.concepts)} names from "
+                           f"list_concepts / `amygdala vectors list`.{hint}") from None
+
+    def family_of(self, concept: str) -> str:
+        return self.manifest.families[self.concept_index(concept)]
+
+    def check_layers(self, layers: list[int] | None) -> list[int]:
+        if layers is None:
+            return self.default_layers
+        if not layers:
+            raise ValueError(f"no layers given; the readout has layers {self.manifest.layers}")
+        bad = [i for i in layers if i not in self.layers]
+        if bad:
+            raise ValueError(f"layer(s) {bad} not in this readout; available layers: {self.manifest.layers} "
+                             f"(default {self.default_layers})")
+        return sorted(set(layers))
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, directory: Path) -> Path:
+        """Write readout.safetensors + readout.json atomically (temp files, fsync, rename)."""
+        from safetensors.torch import save_file
+
+        from ._atomic import atomic_write_bytes, fsync_dir
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, lr in self.layers.items():
+            for name in PER_LAYER:
+                tensors[f"layer_{i}.{name}"] = getattr(lr, name).detach().to(torch.float32).contiguous()
+        tmp = directory / (TENSORS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "amygdala-readout", "version": str(FORMAT_VERSION)})
+        with tmp.open("rb+") as fh:
+            import os
+
+            os.fsync(fh.fileno())
+        tmp.replace(directory / TENSORS_FILE)
+        atomic_write_bytes(directory / MANIFEST_FILE, self.manifest.model_dump_json(indent=2).encode())
+        fsync_dir(directory)
+        return directory
+
+    @classmethod
+    def from_file(cls, path: Path | str, model: "LoadedModel | None" = None, max_tokens: int = 2048,
+                  truncation: str = "error") -> "ReadoutManager":
+        """Load a readout directory (or its readout.json / readout.safetensors) and validate it.
+
+        Refuses, with a message naming the mismatch: hidden size, layer indices, concept count or
+        dtype that disagree with the model or between the two files, and any NaN/inf.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        directory = path.parent if path.is_file() or path.suffix in (".json", ".safetensors") else path
+        mpath, tpath = directory / MANIFEST_FILE, directory / TENSORS_FILE
+        for p in (mpath, tpath):
+            if not p.is_file():
+                raise ReadoutError(f"{p} not found; train one with `amygdala vectors train` or pass the directory "
+                                   f"that holds {MANIFEST_FILE} and {TENSORS_FILE}")
+        try:
+            manifest = ReadoutManifest.model_validate_json(mpath.read_text())
+        except ValueError as exc:
+            raise ReadoutError(f"{mpath}: invalid manifest: {exc}") from None
+        if manifest.format_version != FORMAT_VERSION:
+            raise ReadoutError(f"{mpath}: format version {manifest.format_version}, this amygdala reads {FORMAT_VERSION}; retrain the readout")
+        if manifest.dtype != "float32":
+            raise ReadoutError(f"{mpath}: dtype {manifest.dtype!r} not supported (float32 only)")
+        layers: dict[int, LayerReadout] = {}
+        try:
+            with safe_open(str(tpath), framework="pt") as fh:
+                keys = set(fh.keys())
+                for i in manifest.layers:
+                    missing = [f"layer_{i}.{n}" for n in PER_LAYER if f"layer_{i}.{n}" not in keys]
+                    if missing:
+                        raise ReadoutError(f"{tpath}: missing tensors {missing} for layer {i} listed in {MANIFEST_FILE}")
+                    parts = {n: fh.get_tensor(f"layer_{i}.{n}") for n in PER_LAYER}
+                    for n, t in parts.items():
+                        if t.dtype != torch.float32:
+                            raise ReadoutError(f"{tpath}: layer_{i}.{n} is {t.dtype}, manifest says float32")
+                    layers[i] = LayerReadout(**parts)
+                extra = sorted({k.split(".")[0] for k in keys} - {f"layer_{i}" for i in manifest.layers})
+                if extra:
+                    raise ReadoutError(f"{tpath}: tensors for {extra} not listed in {MANIFEST_FILE} layers {manifest.layers}")
+        except ReadoutError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise ReadoutError(f"{tpath}: unreadable ({exc}); retrain with `amygdala vectors train`") from None
+        _check_consistent(manifest, layers, where=str(directory))
+        if model is not None:
+            if manifest.hidden_size != model.hidden_size:
+                raise ReadoutError(f"{directory}: readout hidden size {manifest.hidden_size} != model {model.name} hidden size "
+                                   f"{model.hidden_size}; this readout was trained for another model ({manifest.model.name})")
+            bad = [i for i in manifest.layers if not 0 <= i < model.n_layers]
+            if bad:
+                raise ReadoutError(f"{directory}: readout layers {bad} do not exist in {model.name} ({model.n_layers} layers)")
+        return cls(manifest, layers, lm=model, max_tokens=max_tokens, truncation=truncation)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _need_lm(self) -> "LoadedModel":
+        if self.lm is None:
+            raise RuntimeError("this ReadoutManager has no model; load it with ReadoutManager.from_file(path, model=lm)")
+        return self.lm
+
+    def encode(self, text: str) -> list[int]:
+        from .tokens import encode
+
+        return encode(self._need_lm().tokenizer, text, self.max_tokens, self.truncation)  # type: ignore[arg-type]
+
+    def score_pooled(self, pooled: dict[int, torch.Tensor], layers: list[int]) -> list[TextScores]:
+        """Scores from pooled residuals {layer: (N, H)}."""
+        per_layer = {i: self.layers[i].scores(pooled[i]) for i in layers}
+        combined = torch.stack([per_layer[i] for i in layers]).mean(0)
+        n = combined.shape[0]
+        return [TextScores({i: per_layer[i][k] for i in layers}, combined[k]) for k in range(n)]
+
+    def read(self, texts: list[str], layers: list[int] | None = None, progress: bool | str = False) -> list[TextScores]:
+        """Scores at the pooled position of each text (one batched, body-only pass)."""
+        lm = self._need_lm()
+        layers = self.check_layers(layers)
+        seqs = [self.encode(t) for t in texts]
+        res = multi_pooled_activations(lm, seqs, layers, [self.pooling], progress=progress)
+        return self.score_pooled(res.pooled[self.pooling], layers)
+
+    def read_tokens(self, text: str, layers: list[int] | None = None) -> tuple[list[str], torch.Tensor]:
+        """(token strings, (T, C) scores) where row t is the readout of the text up to token t."""
+        lm = self._need_lm()
+        layers = self.check_layers(layers)
+        seq = self.encode(text)
+        acts = token_activations(lm, seq, layers)
+        per_layer = [self.layers[i].scores(self.windowed(acts[i])) for i in layers]
+        tokens = [lm.tokenizer.decode([t]) for t in seq]
+        return tokens, torch.stack(per_layer).mean(0)
+
+    def windowed(self, residuals: torch.Tensor) -> torch.Tensor:
+        """(T, H) token residuals -> (T, H) pooled-as-in-training residuals ending at each token."""
+        p = self.pooling
+        if p.kind == "last":
+            return residuals
+        w = self.manifest.window
+        csum = torch.cumsum(torch.cat([torch.zeros(1, residuals.shape[1]), residuals]), 0)
+        t = torch.arange(1, residuals.shape[0] + 1)
+        start = torch.clamp(torch.maximum(t - w, torch.full_like(t, p.start)), max=residuals.shape[0] - 1)
+        start = torch.minimum(start, t - 1)  # at least the current token
+        return (csum[t] - csum[start]) / (t - start).unsqueeze(1).float()
+
+    def top(self, scores: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
+        k = max(1, min(k, len(self.concepts)))
+        vals, idx = torch.topk(scores, k)
+        return [(self.concepts[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+
+    def decode_reader(self, layers: list[int] | None = None) -> "DecodeReader":
+        return DecodeReader(self, self.check_layers(layers))
+
+
+class DecodeReader:
+    """Readout at each decoded token, fed by engine.generation's on_residuals callback."""
+
+    def __init__(self, manager: ReadoutManager, layers: list[int]):
+        self.manager = manager
+        self.layers = layers
+        self._buf: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        self.scores: list[torch.Tensor] = []  # one (C,) per generated token
+
+    def __call__(self, phase: str, residuals: dict[int, torch.Tensor]) -> None:
+        for i in self.layers:
+            self._buf[i].append(residuals[i])
+        if phase == "generate":
+            per_layer = []
+            for i in self.layers:
+                seq = torch.cat(self._buf[i])
+                per_layer.append(self.manager.layers[i].scores(self.manager.windowed(seq)[-1]))
+            self.scores.append(torch.stack(per_layer).mean(0))
+
+
+def _check_consistent(manifest: ReadoutManifest, layers: dict[int, LayerReadout], where: str) -> None:
+    c, h = len(manifest.concepts), manifest.hidden_size
+    if len(manifest.families) != c:
+        raise ReadoutError(f"{where}: {len(manifest.families)} families for {c} concepts")
+    if len(set(manifest.concepts)) != c:
+        raise ReadoutError(f"{where}: duplicate concept names")
+    if sorted(layers) != sorted(manifest.layers):
+        raise ReadoutError(f"{where}: tensor layers {sorted(layers)} != manifest layers {manifest.layers}")
+    if not set(manifest.default_layers) <= set(manifest.layers) or not manifest.default_layers:
+        raise ReadoutError(f"{where}: default layers {manifest.default_layers} must be a non-empty subset of {manifest.layers}")
+    shapes = {"vectors": (c, h), "directions": (c, h), "center": (h,), "scale": (h,), "score_mean": (c,),
+              "score_std": (c,), "residual_norm": ()}
+    for i, lr in layers.items():
+        for name, shape in shapes.items():
+            t = getattr(lr, name)
+            if tuple(t.shape) != shape:
+                raise ReadoutError(f"{where}: layer_{i}.{name} has shape {tuple(t.shape)}, expected {shape} "
+                                   f"({c} concepts, hidden size {h})")
+            if not torch.isfinite(t).all():
+                raise ReadoutError(f"{where}: layer_{i}.{name} contains NaN or inf; retrain the readout")
+        if (lr.score_std <= 0).any() or (lr.scale <= 0).any():
+            raise ReadoutError(f"{where}: layer_{i} has non-positive scale or score_std")
+
+
+def readout_dir(readouts_root: Path, lm: "LoadedModel") -> Path:
+    """Where the readout for this model lives by default: one directory per model."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in lm.name.split(" ")[0])
+    return readouts_root / safe

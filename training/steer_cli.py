@@ -1,0 +1,165 @@
+"""`amygdala steer`: test a steering vector against the unsteered run before training on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from engine.cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, load_or_exit, make_config
+
+from .cli import parse_layers
+
+
+class DefaultRunGroup(TyperGroup):
+    """`amygdala steer ... PROMPT` runs `steer run`; `amygdala steer sweep ...` runs the sweep."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+steer_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
+                        help="Compare steered and unsteered generation (`steer PROMPT`) or sweep alphas (`steer sweep`).")
+
+
+def _fail(msg: str) -> None:
+    echo_err(f"error: {msg}")
+    raise typer.Exit(2)
+
+
+def _vectors(specs: list[str]) -> list[tuple[Path, float]]:
+    out = []
+    for s in specs:
+        path, sep, alpha = s.rpartition("=")
+        if not sep:
+            path, alpha = s, "1"
+        try:
+            out.append((Path(path), float(alpha)))
+        except ValueError:
+            _fail(f"--vector {s!r} must look like FILE=ALPHA")
+    return out
+
+
+@steer_app.command("run")
+def run(
+    prompt: str = typer.Argument(..., help="Prompt to continue."),
+    concept: list[str] = typer.Option([], "--concept", "-c", help="NAME=ALPHA (repeatable). alpha is in units of the layer's typical residual norm."),
+    vector: list[str] = typer.Option([], "--vector", help="FILE=ALPHA: a .gguf control vector or .safetensors direction file (repeatable)."),
+    layers: Optional[str] = typer.Option(None, help="Layers to steer, e.g. '6-10' (default: the readout's default layers)."),
+    positions: str = typer.Option("both", help="prompt | generated | both"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=1024),
+    seed: int = typer.Option(0, help="Same seed for both runs."),
+    temperature: float = typer.Option(0.7, min=0.0),
+    as_json: bool = typer.Option(False, "--json"),
+    readout: Optional[Path] = typer.Option(None, "--readout"),
+    home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
+) -> None:
+    """Baseline and steered continuations, each re-read without steering."""
+    from engine.readout import ReadoutError
+    from engine.steering import SteeringError, parse_concept_alphas
+    from engine.steering_eval import compare
+    from engine.tokens import TextError
+
+    from .readout_build import ensure_readout
+
+    try:
+        concepts = parse_concept_alphas(concept)
+    except SteeringError as exc:
+        _fail(str(exc))
+    cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
+    lm = load_or_exit(cfg)
+    try:
+        r = ensure_readout(lm, cfg, readout, echo=echo_err)
+        res = compare(lm, r, prompt, concepts, parse_layers(layers), positions, max_new_tokens, seed, temperature,
+                      vectors=_vectors(vector))
+    except (ReadoutError, SteeringError, TextError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"baseline": res.baseline.model_dump(), "steered": res.steered.model_dump(),
+                               "delta": res.delta, "layers": res.layers, "positions": res.positions,
+                               "concepts": res.concepts, "seed": res.seed}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"steering at layers {res.layers} ({positions}); seed {seed}", show_lines=True)
+    t.add_column("baseline", ratio=1)
+    t.add_column("steered: " + ", ".join(f"{k}={v:+g}" for k, v in concepts.items()), ratio=1)
+    t.add_row(prompt + res.baseline.text, prompt + res.steered.text)
+    for c in concepts:
+        b, s = res.baseline.scores[c], res.steered.scores[c]
+        t.add_row(f"{c}: {b}", f"{c}: {s}  (delta {res.delta[c]})")
+    t.add_row(f"perplexity {res.baseline.perplexity:.1f}" if res.baseline.perplexity else "",
+              f"perplexity {res.steered.perplexity:.1f}" if res.steered.perplexity else "")
+    Console().print(t)
+
+
+@steer_app.command("sweep")
+def sweep_cmd(
+    concept: str = typer.Option(..., "--concept", "-c", help="Concept to sweep."),
+    alphas: str = typer.Option("-0.4,-0.2,0,0.2,0.4", help="Comma-separated alphas."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (default: 20 built-in neutral prompts)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of score, direction share and perplexity vs alpha."),
+    layers: Optional[str] = typer.Option(None),
+    positions: str = typer.Option("both"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, max=512),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+    readout: Optional[Path] = typer.Option(None, "--readout"),
+    home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None,
+) -> None:
+    """Dose-response: mean re-read score per alpha, slope, wrong-way share, perplexity; optional PNG."""
+    from tqdm import tqdm
+
+    from engine.readout import ReadoutError
+    from engine.steering import SteeringError
+    from engine.steering_eval import NEUTRAL_PROMPTS, plot_sweep, sweep
+
+    from .readout_build import ensure_readout
+
+    try:
+        alpha_list = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        _fail(f"--alphas {alphas!r} must be comma-separated numbers")
+    plist = list(NEUTRAL_PROMPTS)
+    if prompts is not None:
+        if not prompts.is_file():
+            _fail(f"--prompts {prompts}: no such file")
+        plist = [p for p in prompts.read_text().splitlines() if p.strip()]
+        if not plist:
+            _fail(f"--prompts {prompts} has no non-empty lines")
+    cfg = make_config(home, model, threads=threads)
+    lm = load_or_exit(cfg)
+    try:
+        r = ensure_readout(lm, cfg, readout, echo=echo_err)
+        bar = tqdm(total=len(plist) * len(set(alpha_list) | {0.0}), desc=f"sweep {concept}", unit="gen")
+        res = sweep(lm, r, concept, alpha_list, plist, parse_layers(layers), positions, max_new_tokens, seed,
+                    progress=lambda d, t: bar.update(1))
+        bar.close()
+    except (ReadoutError, SteeringError, KeyError, ValueError) as exc:
+        _fail(str(exc.args[0] if isinstance(exc, KeyError) else exc))
+    if plot is not None:
+        plot_sweep(res, plot)
+    summary = {"concept": res.concept, "layers": res.layers, "slope": res.slope, "wrong_way": res.wrong_way,
+               "best_alpha": res.best_alpha, "baseline_perplexity": res.baseline_perplexity,
+               "per_alpha": [vars(s) for s in res.per_alpha], "plot": str(plot) if plot else None}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"sweep {concept} at layers {res.layers}: slope {res.slope:+.3f}/alpha, wrong way "
+                    f"{(res.wrong_way or 0):.0%}, best alpha {res.best_alpha}")
+    for col in ("alpha", "mean score", "moved right way", "median ppl"):
+        t.add_column(col, justify="right")
+    for s in res.per_alpha:
+        t.add_row(f"{s.alpha:+g}", f"{s.mean_score:+.3f}" if s.mean_score is not None else "-",
+                  f"{s.rise_fraction:.0%}" if s.rise_fraction is not None else "-",
+                  f"{s.median_perplexity:.1f}" if s.median_perplexity else "-")
+    Console().print(t)

@@ -1,0 +1,268 @@
+"""Readout vectors: training math, dedup, files, refusals, GGUF, CLI contract."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from corpus import Corpus, Text, load_corpus
+from corpus.manifest import Manifest
+from engine.activations import Pooling
+from engine.control_vectors import ControlVector, read_gguf, read_safetensors, write_gguf, write_safetensors
+from engine.model import LoadedModel
+from engine.readout import ReadoutError, ReadoutManager
+from engine.testing import tiny_tokenizer
+from tests.corpus_fixture import make_corpus
+from training.readout_build import build_readout
+from training.steering_vectors import CorpusTooSmall, FitOptions, check_corpus_size, collect, fit_readout, model_ref
+
+FAST = (FitOptions(Pooling("mean", 2), True, 0.0), FitOptions(Pooling("last"), False, 0.0))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_lm):
+    root = make_corpus(tmp_path_factory.mktemp("corpus") / "c")
+    out = tmp_path_factory.mktemp("readout") / "r"
+    res = build_readout(tiny_lm, load_corpus(root), out, grid=FAST, plots=True, echo=lambda m: None)
+    return res, root, out
+
+
+def test_vectors_unit_norm_finite_and_files_written(built):
+    res, _, out = built
+    r = res.readout
+    assert r.concepts == ["cozy", "tender", "grateful", "bored", "weary", "numb"]
+    for lr in r.layers.values():
+        assert torch.isfinite(lr.vectors).all() and torch.isfinite(lr.directions).all()
+        assert torch.allclose(lr.vectors.norm(dim=1), torch.ones(6), atol=1e-5)
+        assert torch.allclose(lr.directions.norm(dim=1), torch.ones(6), atol=1e-5)
+        assert float(lr.residual_norm) > 0
+    m = json.loads((out / "readout.json").read_text())
+    for key in ("concepts", "layers", "hidden_size", "dtype", "model", "pooling", "corpus_hash", "default_layers", "validation"):
+        assert key in m
+    assert m["model"]["weights_hash"] and m["pooling"] in ("mean:2", "last")
+    for png in ("accuracy_by_layer.png", "cohesion_heatmap.png", "concept_map.png", "settings.png"):
+        assert (out / png).stat().st_size > 1000
+    v = json.loads((out / "validation.json").read_text())
+    assert v["chosen"] in {o.label() for o in FAST} and v["n_held_out"] == 6
+
+
+def test_dedup_forwards_each_unique_text_once(tiny_lm, tmp_path):
+    root = make_corpus(tmp_path / "c")
+    # the same paragraph as a story of one emotion and as a scenario framing of another
+    dup = (root / "stories" / "cozy" / "01.txt").read_text()
+    (root / "paired" / "the_evening" / "weary.txt").write_text(dup)
+    c = load_corpus(root, strict=False)
+    seen = []
+    h = tiny_lm.model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    try:
+        ca = collect(tiny_lm, c, [1], [Pooling("last"), Pooling("mean", 0)], progress=False)
+    finally:
+        h.remove()
+    n_unique = len({t.text for t in c.all_texts()})
+    assert len(c.all_texts()) == n_unique + 1
+    assert sum(seen) == n_unique == ca.forwards  # two poolings, one forward per unique text
+
+
+class _Synthetic(nn.Module):
+    """Embedding + identity layers: hidden direction d_c is present iff the label letter of c appears."""
+
+    def __init__(self, vocab: int, hidden: int, label_tokens: dict[int, torch.Tensor]):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        table = torch.randn(vocab, hidden, generator=g) * 0.5
+        for tok, d in label_tokens.items():
+            table[tok] = 8.0 * d  # pure label direction, no token-specific offset
+        self.config = type("Cfg", (), {"hidden_size": hidden, "num_hidden_layers": 2})()
+        self.model = nn.Module()
+        self.model.embed = nn.Embedding.from_pretrained(table)
+        self.model.layers = nn.ModuleList([nn.Identity(), nn.Identity()])
+
+        def body(input_ids=None, attention_mask=None, position_ids=None, use_cache=False, **_):
+            h = self.model.embed(input_ids)
+            for layer in self.model.layers:
+                h = layer(h)
+            return h
+
+        self.model.forward = body
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+
+def test_synthetic_direction_recovered(tmp_path):
+    tok = tiny_tokenizer()
+    hidden = 32
+    q, _ = torch.linalg.qr(torch.randn(hidden, 3, generator=torch.Generator().manual_seed(1)))
+    dirs = {"alpha": q[:, 0], "beta": q[:, 1], "gamma": q[:, 2]}
+    letters = {"alpha": "A", "beta": "B", "gamma": "C"}
+    label_tokens = {tok(letters[c], add_special_tokens=False)["input_ids"][0]: d for c, d in dirs.items()}
+    lm = LoadedModel.from_objects(_Synthetic(len(tok), hidden, label_tokens), tok, name="synthetic")
+    manifest = Manifest.model_validate({"families": [{"id": "f", "name": "F"}], "emotions": [
+        {"id": c, "name": c, "family": "f", "valence": 0, "arousal": 0} for c in dirs]})
+    rng = random.Random(0)
+    stories = {}
+    for c in dirs:
+        stories[c] = []
+        for k in range(60):
+            filler = "".join(rng.choice("xyzuvw ") for _ in range(30))
+            txt = f"{filler[:15]}{letters[c] * 10}{filler[15:]}"
+            stories[c].append(Text(uid=f"stories/{c}/{k}", text=txt, kind="story", emotion=c, path=tmp_path / f"{c}{k}"))
+    corpus = Corpus(manifest, tmp_path, stories, {})
+    ca = collect(lm, corpus, [0, 1], [Pooling("mean", 0)], progress=False)
+    r = fit_readout(model_ref(lm), hidden, ca, corpus, FitOptions(Pooling("mean", 0), False, 0.0))
+    for c, d in dirs.items():
+        v = r.layers[1].directions[r.concept_index(c)]
+        # one-vs-rest difference of means = d_c - mean(other d) ; recover d_c's component
+        expected = d - sum(dirs[o] for o in dirs if o != c) / 2
+        assert float(torch.nn.functional.cosine_similarity(v, expected, dim=0)) > 0.99, c
+    # and classification through the readout works
+    r.lm = lm
+    scores = r.read(["xxxyAAAAAzzuv", "uvvBBBBBwwx", "zzCCCCCyyx"], layers=[1])
+    assert [r.top(s.combined, 1)[0][0] for s in scores] == ["alpha", "beta", "gamma"]
+
+
+def test_file_round_trip(built, tiny_lm, tmp_path):
+    res, _, out = built
+    again = ReadoutManager.from_file(out, model=tiny_lm)
+    for i, lr in res.readout.layers.items():
+        for name in ("vectors", "directions", "center", "scale", "score_mean", "score_std", "residual_norm"):
+            assert torch.equal(getattr(lr, name), getattr(again.layers[i], name))
+    assert again.manifest == res.readout.manifest
+    s1 = again.read(["a quiet evening by the fire"])[0].combined
+    s2 = ReadoutManager.from_file(out / "readout.json", model=tiny_lm).read(["a quiet evening by the fire"])[0].combined
+    assert torch.equal(s1, s2)
+
+
+def _copy(out: Path, tmp: Path) -> Path:
+    import shutil
+
+    d = tmp / "copy"
+    shutil.copytree(out, d)
+    return d
+
+
+def _rewrite(d: Path, mutate_tensors=None, mutate_manifest=None):
+    from safetensors.torch import load_file, save_file
+
+    if mutate_tensors:
+        t = load_file(str(d / "readout.safetensors"))
+        mutate_tensors(t)
+        save_file(t, str(d / "readout.safetensors"))
+    if mutate_manifest:
+        m = json.loads((d / "readout.json").read_text())
+        mutate_manifest(m)
+        (d / "readout.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("hidden_size", "hidden size"),
+    ("layer_missing_in_model", "do not exist"),
+    ("concept_count", "shape"),
+    ("families_count", "families"),
+    ("dtype", "dtype"),
+    ("tensor_dtype", "float32"),
+    ("nan", "NaN or inf"),
+    ("inf", "NaN or inf"),
+    ("missing_tensor", "missing tensors"),
+    ("extra_layer_tensor", "not listed"),
+    ("no_files", "not found"),
+])
+def test_from_file_refusals(built, tiny_lm, tmp_path, case, match):
+    _, _, out = built
+    d = _copy(out, tmp_path)
+    layer = json.loads((d / "readout.json").read_text())["layers"][0]
+    if case == "hidden_size":
+        _rewrite(d, mutate_manifest=lambda m: m.update(hidden_size=65))
+        _rewrite(d, mutate_tensors=lambda t: [t.__setitem__(k, torch.ones(*v.shape[:-1], 65)) for k, v in list(t.items()) if v.ndim and v.shape[-1] == 64])
+    elif case == "layer_missing_in_model":
+        def mt(t):
+            for k in [k for k in t if k.startswith(f"layer_{layer}.")]:
+                t[k.replace(f"layer_{layer}.", "layer_9.")] = t.pop(k)
+        _rewrite(d, mt, lambda m: m.update(layers=[9 if x == layer else x for x in m["layers"]],
+                                           default_layers=[9 if x == layer else x for x in m["default_layers"]]))
+    elif case == "concept_count":
+        _rewrite(d, mutate_tensors=lambda t: t.__setitem__(f"layer_{layer}.vectors", t[f"layer_{layer}.vectors"][:5].contiguous()))
+    elif case == "families_count":
+        _rewrite(d, mutate_manifest=lambda m: m.update(families=m["families"][:-1]))
+    elif case == "dtype":
+        _rewrite(d, mutate_manifest=lambda m: m.update(dtype="float16"))
+    elif case == "tensor_dtype":
+        _rewrite(d, mutate_tensors=lambda t: t.__setitem__(f"layer_{layer}.center", t[f"layer_{layer}.center"].half()))
+    elif case == "nan":
+        _rewrite(d, mutate_tensors=lambda t: t[f"layer_{layer}.vectors"].__setitem__((0, 0), float("nan")))
+    elif case == "inf":
+        _rewrite(d, mutate_tensors=lambda t: t[f"layer_{layer}.score_std"].__setitem__(0, float("inf")))
+    elif case == "missing_tensor":
+        _rewrite(d, mutate_tensors=lambda t: t.pop(f"layer_{layer}.scale"))
+    elif case == "extra_layer_tensor":
+        _rewrite(d, mutate_tensors=lambda t: t.__setitem__("layer_99.vectors", torch.zeros(6, 64)))
+    elif case == "no_files":
+        (d / "readout.safetensors").unlink()
+    with pytest.raises(ReadoutError, match=match):
+        ReadoutManager.from_file(d, model=tiny_lm)
+
+
+def test_gguf_and_safetensors_vector_round_trip(tmp_path):
+    cv = ControlVector({1: torch.randn(64), 3: torch.randn(64)}, model_hint="gemma3")
+    g = read_gguf(write_gguf(cv, tmp_path / "v.gguf"))
+    s = read_safetensors(write_safetensors(cv, tmp_path / "v.safetensors"))
+    for back in (g, s):
+        assert sorted(back.directions) == [1, 3]
+        for i in (1, 3):
+            assert torch.equal(back.directions[i], cv.directions[i])
+    assert g.model_hint == "gemma3"
+    with pytest.raises(ValueError, match="layer 0"):
+        write_gguf(ControlVector({0: torch.randn(4)}), tmp_path / "zero.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ValueError, match="GGUF"):
+        read_gguf(tmp_path / "junk.gguf")
+
+
+def test_corpus_too_small_fails_fast(tmp_path):
+    root = make_corpus(tmp_path / "c", stories_per_emotion=1)
+    c = load_corpus(root)
+    with pytest.raises(CorpusTooSmall, match="min-positives"):
+        check_corpus_size(c, min_positives=3)
+
+
+def test_read_tokens_and_window(built, tiny_lm):
+    res, _, out = built
+    r = ReadoutManager.from_file(out, model=tiny_lm)
+    toks, scores = r.read_tokens("the kettle sang by the window")
+    assert scores.shape == (len(toks), len(r.concepts))
+    if r.pooling.kind == "mean":
+        full = r.read(["the kettle sang by the window"])[0].combined
+        assert torch.allclose(scores[-1], full, atol=1e-4)  # window covers the whole short text
+
+
+def test_cli_readout_json_and_jsonl(built, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    _, _, out = built
+    # a readout trained on the in-memory tiny model fits the saved tiny model (same config, same seed)
+    runner = CliRunner()
+    common = ["--model", str(tiny_model_dir), "--home", str(tmp_path / "home"), "--readout", str(out)]
+    r1 = runner.invoke(app, ["readout", "--json", "--top-k", "3", "a warm blanket and tea", *common])
+    assert r1.exit_code == 0, r1.output
+    obj = json.loads(r1.stdout.strip().splitlines()[-1])
+    assert len(obj["top"]) == 3 and set(obj) == {"top", "layers"}
+    assert obj["top"][0]["score"] >= obj["top"][1]["score"] >= obj["top"][2]["score"]
+    lines = [{"id": f"x{i}", "text": t} for i, t in enumerate(["grey clock", "soft hands", "thanks for the gift", "long miles"])]
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r2 = runner.invoke(app, ["readout", "--json", "--top-k", "2", "--jsonl", str(f), *common])
+    assert r2.exit_code == 0, r2.output
+    got = [json.loads(x) for x in r2.stdout.strip().splitlines()]
+    assert [g["id"] for g in got] == ["x0", "x1", "x2", "x3"]
+    bad = runner.invoke(app, ["readout", "--json", "   ", *common])
+    assert bad.exit_code == 2 and "empty" in bad.output
+    f.write_text('{"id": 1}\n')
+    bad2 = runner.invoke(app, ["readout", "--jsonl", str(f), *common])
+    assert bad2.exit_code == 2 and "in.jsonl:1" in bad2.output

@@ -14,6 +14,7 @@ import typer
 
 from corpus.cli import app as corpus_app
 from engine.cli import generate_cmd, model_app
+from memory_graph.cli import app as memory_app
 from training.cli import readout_cmd, vectors_app
 from training.steer_cli import steer_app
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
+app.add_typer(memory_app, name="memory")
 app.command("generate")(generate_cmd)
 app.add_typer(vectors_app, name="vectors")
 app.command("readout")(readout_cmd)

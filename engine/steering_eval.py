@@ -69,15 +69,22 @@ def _side(lm, readout, prompt_ids, plan, concepts, **gen) -> SideResult:
 def compare(lm: "LoadedModel", readout: "ReadoutManager", prompt: str, concepts: dict[str, float],
             layers: list[int] | None = None, positions: str = "both", max_new_tokens: int = 48,
             seed: int | None = 0, temperature: float = 0.7, top_p: float = 0.95,
-            vectors: list[tuple[Path | str, float]] | None = None) -> SteeringComparison:
+            vectors: list[tuple[Path | str, float]] | None = None,
+            progress: Callable[[float, float, str], None] | None = None) -> SteeringComparison:
     """Baseline and steered generation with the same seed, each re-read without steering."""
     plan = build_plan(readout, concepts, layers, positions, vectors)
     used_layers = sorted(plan.pushes)
     ids = readout.encode(prompt)
     names = list(concepts)
     gen = dict(max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p)
+    if progress:
+        progress(0, 2, "generating the unsteered baseline")
     base = _side(lm, readout, ids, None, names, **gen)
+    if progress:
+        progress(1, 2, "generating the steered continuation")
     steered = _side(lm, readout, ids, plan, names, **gen)
+    if progress:
+        progress(2, 2, "done")
     delta = {c: (None if base.scores[c] is None or steered.scores[c] is None
                  else round(steered.scores[c] - base.scores[c], 4)) for c in names}
     return SteeringComparison(prompt=prompt, concepts=concepts, layers=used_layers, positions=positions, seed=seed,

@@ -18,6 +18,8 @@ from memory_graph.cli import app as memory_app
 from training.cli import readout_cmd, vectors_app
 from training.steer_cli import steer_app
 
+from .serve_cli import serve
+
 app = typer.Typer(
     name="amygdala",
     help="Read emotions from a model's residual stream, test steering, and train corrections.",
@@ -31,6 +33,7 @@ app.command("generate")(generate_cmd)
 app.add_typer(vectors_app, name="vectors")
 app.command("readout")(readout_cmd)
 app.add_typer(steer_app, name="steer")
+app.command("serve")(serve)
 
 
 def main() -> None:

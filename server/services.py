@@ -1,0 +1,97 @@
+"""What the server owns for its whole life: model, readout, memory graph, training worker, scheduler.
+
+Loaded once, before any transport starts, by the one process that serves; tools reach it through
+the MCP lifespan context. The HTTP daemon is the only owner of the model, the worker and the graph,
+so several agents share one model in memory and one single-writer graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import Config
+from engine.model import LoadedModel
+from engine.readout import ReadoutManager
+from memory_graph import MemoryGraph
+
+from .limits import ServerLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    config: Config
+    lm: LoadedModel
+    readout: ReadoutManager
+    graph: MemoryGraph
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    trainer: Any | None = None  # training.client.TrainingClient (None: training disabled)
+    scheduler: Any | None = None  # apscheduler BackgroundScheduler shared by sync and (later) the dream loop
+    sync: Any | None = None  # training.sync_schedule.SyncScheduler
+    extras: dict[str, Any] = field(default_factory=dict)  # slots for later modules (dream loop, certificates)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        """Clean shutdown, newest first: final checkpoint sync, worker stop, scheduler stop, graph close."""
+        while self._closers:
+            fn = self._closers.pop()
+            try:
+                fn()
+            except Exception:  # shutdown must go on
+                log.exception("error during shutdown")
+
+
+def open_services(config: Config, *, train: bool = True, limits: ServerLimits | None = None,
+                  lm: LoadedModel | None = None, readout_path=None, echo: Callable[[str], None] = print,
+                  train_settings: Any | None = None, sync_delay_s: float | None = None) -> Services:
+    """Load everything once. With train=False no worker or scheduler is started (read-only server)."""
+    from engine.model import load_model
+    from training.readout_build import ensure_readout
+
+    lm = lm or load_model(config, echo=echo)
+    readout = ensure_readout(lm, config, readout_path, echo=echo)
+    limits = limits or ServerLimits(max_text_tokens=config.max_tokens)
+    readout.max_tokens = limits.max_text_tokens
+    graph = MemoryGraph(config.memory_dir)
+    services = Services(config=config, lm=lm, readout=readout, graph=graph, limits=limits)
+    services.on_close(graph.close)
+    if train:
+        _start_training(services, train_settings, sync_delay_s, echo)
+    return services
+
+
+def _start_training(services: Services, settings: Any | None, sync_delay_s: float | None,
+                    echo: Callable[[str], None]) -> None:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from training.client import TrainingClient
+    from training.sync_schedule import SYNC_DELAY_S, SyncScheduler
+
+    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
+    scheduler.start()
+    services.scheduler = scheduler
+    services.on_close(lambda: scheduler.shutdown(wait=True))
+    trainer = TrainingClient(services.lm, services.config, settings)
+    services.trainer = trainer
+    services.on_close(trainer.close)
+    if services.lm.path is not None:
+        sync = SyncScheduler(scheduler, lambda: sync_model(services), delay_s=SYNC_DELAY_S if sync_delay_s is None else sync_delay_s)
+        services.sync = sync
+        trainer.on_job_finished.append(lambda result: sync.notify_training_finished() if result.steps_applied > 0 else None)
+        services.on_close(sync.shutdown)  # runs before the worker stops: closers run newest first
+    else:
+        echo("amygdala: model has no directory on disk; checkpoint sync disabled")
+
+
+def sync_model(services: Services) -> Any:
+    """Write the live weights' changed blocks into the model directory (the checkpoint)."""
+    from training.checkpoint_sync import sync_checkpoint
+
+    return sync_checkpoint(services.lm.path, services.lm.model)

@@ -1,0 +1,57 @@
+"""Shared plumbing for tool modules: services lookup, error translation, threads and progress."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+
+from ..services import Services
+
+T = TypeVar("T")
+
+
+def services(ctx: Context) -> Services:
+    return ctx.request_context.lifespan_context
+
+
+@contextmanager
+def tool_errors() -> Iterator[None]:
+    """Anticipated failures become ToolErrors whose message the agent reads and can act on.
+
+    (The MCP SDK hides the text of any other exception from the client, so every error a caller
+    could fix must pass through here.)
+    """
+    from engine.readout import ReadoutError
+    from engine.steering import SteeringError
+    from engine.tokens import TextError
+
+    try:
+        yield
+    except ToolError:
+        raise
+    except (TextError, SteeringError, ReadoutError, ValueError) as exc:
+        raise ToolError(str(exc)) from exc
+    except KeyError as exc:
+        raise ToolError(str(exc.args[0]) if exc.args else str(exc)) from exc
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking model work off the event loop, so one slow call never stalls the others."""
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def progress_reporter(ctx: Context) -> Callable[[float, float, str], None]:
+    """A thread-safe progress callback for work running in a worker thread."""
+
+    def report(done: float, total: float, message: str) -> None:
+        try:
+            anyio.from_thread.run(ctx.report_progress, done, total, message)
+        except Exception:  # progress is best-effort: a client without a token or a closed stream
+            pass
+
+    return report

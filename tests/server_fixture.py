@@ -1,0 +1,35 @@
+"""Build server Services on the tiny model and the synthetic corpus (no download, no worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.activations import Pooling
+from engine.config import Config
+from engine.readout import ReadoutManager
+from tests.corpus_fixture import make_corpus
+from training.readout_build import build_readout
+from training.steering_vectors import FitOptions
+
+
+def build_tiny_readout(lm, root: Path) -> Path:
+    from corpus import load_corpus
+
+    corpus = make_corpus(root / "corpus")
+    out = root / "readout"
+    build_readout(lm, load_corpus(corpus), out, grid=(FitOptions(Pooling("mean", 2), True, 0.0, 0.5),), plots=False,
+                  echo=lambda m: None)
+    return out
+
+
+def tiny_services(lm, root: Path, readout_dir: Path, **limits):
+    from memory_graph import MemoryGraph
+    from server.limits import ServerLimits
+    from server.services import Services
+
+    cfg = Config(home=root / "home")
+    readout = ReadoutManager.from_file(readout_dir, model=lm, max_tokens=limits.get("max_text_tokens", 2048))
+    graph = MemoryGraph(cfg.memory_dir)
+    svc = Services(config=cfg, lm=lm, readout=readout, graph=graph, limits=ServerLimits(**limits))
+    svc.on_close(graph.close)
+    return svc

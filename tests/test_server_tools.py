@@ -1,0 +1,134 @@
+"""Every MCP tool and resource through the SDK's in-memory client, good and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+from mcp import Client
+
+from server.mcp_server import build_mcp
+from tests.server_fixture import build_tiny_readout, tiny_services
+
+
+@pytest.fixture(scope="module")
+def readout_dir(tmp_path_factory, tiny_lm):
+    return build_tiny_readout(tiny_lm, tmp_path_factory.mktemp("srv"))
+
+
+@pytest.fixture
+def svc(tmp_path, tiny_lm, readout_dir):
+    s = tiny_services(tiny_lm, tmp_path, readout_dir, max_text_tokens=200, max_new_tokens=16, max_text_chars=2000)
+    yield s
+    s.close()
+
+
+def call(svc, name, args):
+    async def go():
+        async with Client(build_mcp(svc)) as c:
+            return await c.call_tool(name, args)
+
+    return anyio.run(go)
+
+
+def test_lists_tools_with_schemas_and_hints(svc):
+    async def go():
+        async with Client(build_mcp(svc)) as c:
+            return (await c.list_tools()).tools, (await c.list_resources()).resources
+
+    tools, resources = anyio.run(go)
+    by = {t.name: t for t in tools}
+    assert set(by) == {"read_emotions", "test_steering", "submit_correction", "list_concepts", "train_status"}
+    for t in tools:
+        assert t.title and t.output_schema and t.annotations is not None and t.description
+    assert by["read_emotions"].annotations.read_only_hint is True
+    assert by["submit_correction"].annotations.read_only_hint is False
+    assert {str(r.uri) for r in resources} == {"amygdala://readout/manifest", "amygdala://concepts"}
+
+
+def test_read_emotions(svc):
+    r = call(svc, "read_emotions", {"text": "a warm blanket and tea by the fire", "top_k": 3})
+    assert not r.is_error, r.content
+    out = r.structured_content
+    assert len(out["top"]) == 3 and out["layers"] == svc.readout.default_layers
+    assert out["top"][0]["score"] >= out["top"][1]["score"] and out["top"][0]["family"] in ("warm", "cold")
+    assert out["per_token"] is None and out["tokens"] > 5
+    pt = call(svc, "read_emotions", {"text": "grey clock", "per_token": True, "layers": [1]}).structured_content
+    assert len(pt["per_token"]) == pt["tokens"] and len(pt["per_token"][0]["top"]) == 3 and pt["layers"] == [1]
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"text": "   "}, "empty"),
+    ({"text": "x" * 2500}, "over the limit of 2000"),
+    ({"text": "y" * 500}, "over the limit of 200"),  # tokens (byte tokenizer)
+    ({"text": "ok", "layers": [42]}, "available layers"),
+    ({"text": "ok", "top_k": 0}, "greater than or equal to 1"),
+])
+def test_read_emotions_bad_inputs(svc, args, needle):
+    r = call(svc, "read_emotions", args)
+    assert r.is_error and needle in r.content[0].text, r.content[0].text
+
+
+def test_list_concepts_and_resources(svc):
+    out = call(svc, "list_concepts", {}).structured_content
+    assert out["count"] == 6 and out["families"] == ["cold", "warm"]
+    warm = call(svc, "list_concepts", {"family": "warm"}).structured_content
+    assert {c["concept"] for c in warm["concepts"]} == {"cozy", "tender", "grateful"}
+    bad = call(svc, "list_concepts", {"family": "lukewarm"})
+    assert bad.is_error and "families are: cold, warm" in bad.content[0].text
+
+    async def go():
+        async with Client(build_mcp(svc)) as c:
+            return (await c.read_resource("amygdala://readout/manifest"), await c.read_resource("amygdala://concepts"))
+
+    manifest, concepts = anyio.run(go)
+    assert json.loads(manifest.contents[0].text)["concepts"] == svc.readout.concepts
+    assert len(json.loads(concepts.contents[0].text)) == 6
+
+
+def test_test_steering(svc):
+    r = call(svc, "test_steering", {"prompt": "The evening came", "concepts": {"cozy": 0.5}, "max_new_tokens": 6, "seed": 1})
+    assert not r.is_error, r.content
+    out = r.structured_content
+    assert set(out) >= {"baseline", "steered", "delta", "layers"} and "cozy" in out["steered"]["scores"]
+    for args, needle in [
+        ({"prompt": "x", "concepts": {"blorp": 0.5}}, "unknown concept 'blorp'"),
+        ({"prompt": "x", "concepts": {}}, "concepts is empty"),
+        ({"prompt": "x", "concepts": {"cozy": 9.0}}, "within ±4"),
+        ({"prompt": "x", "concepts": {"cozy": 0.5}, "max_new_tokens": 17}, "limit of 16"),
+        ({"prompt": "x", "concepts": {"cozy": 0.5}, "layers": [9]}, "available layers"),
+        ({"prompt": "x", "concepts": {"cozy": 0.5}, "positions": "middle"}, "positions"),
+        ({"prompt": " ", "concepts": {"cozy": 0.5}}, "prompt is empty"),
+    ]:
+        bad = call(svc, "test_steering", args)
+        assert bad.is_error and needle in bad.content[0].text, (args, bad.content[0].text)
+
+
+def test_submit_correction_durable_and_idempotent(svc):
+    args = {"context": "User: are you sure?", "preferred": "Let me check the numbers again.", "rejected": "Yes, totally.",
+            "idempotency_key": "k-1", "note": "overconfident"}
+    first = call(svc, "submit_correction", args).structured_content
+    again = call(svc, "submit_correction", args).structured_content
+    assert first["duplicate"] is False and again["duplicate"] is True
+    assert first["correction_id"] == again["correction_id"] and first["status"] == "pending"
+    assert svc.graph.stats().corrections_by_status == {"pending": 1}
+    # durable: a fresh process view of the directory sees it
+    from memory_graph import MemoryGraph
+
+    with MemoryGraph(svc.config.memory_dir, readonly=True) as view:
+        assert view.get(first["correction_id"]).preferred == "Let me check the numbers again."
+    for bad_args, needle in [
+        ({"context": "", "preferred": "x"}, "context is empty"),
+        ({"context": "c", "preferred": "x" * 30000}, "over the limit"),
+        ({"context": "c", "preferred": "same", "rejected": "same"}, "nothing to learn"),
+        ({"context": "c", "preferred": "p", "train_now": True}, "train_now needs the training worker"),
+    ]:
+        bad = call(svc, "submit_correction", bad_args)
+        assert bad.is_error and needle in bad.content[0].text, bad.content[0].text
+    assert svc.graph.stats().corrections_by_status == {"pending": 1}  # nothing half-stored by bad calls
+
+
+def test_train_status_without_worker(svc):
+    out = call(svc, "train_status", {}).structured_content
+    assert out["enabled"] is False and "disabled" in out["worker_error"]

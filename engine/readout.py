@@ -62,6 +62,7 @@ class ReadoutManifest(BaseModel):
     pooling: str
     standardize: bool
     pca_share: float = 0.0
+    whiten: float = 0.0
     window: int = DEFAULT_WINDOW
     default_layers: list[int]
     corpus_hash: str = ""
@@ -278,22 +279,50 @@ class ReadoutManager:
 
 
 class DecodeReader:
-    """Readout at each decoded token, fed by engine.generation's on_residuals callback."""
+    """Readout at each decoded token, fed by engine.generation's on_residuals callback.
+
+    Keeps, per layer, a running sum over the last `window` residuals (mean pooling) or only the
+    latest residual (last-token pooling), so each decoded token costs one small matrix-vector
+    product per layer, however long the text already is. Matches `ReadoutManager.windowed`.
+    """
 
     def __init__(self, manager: ReadoutManager, layers: list[int]):
+        from collections import deque
+
         self.manager = manager
         self.layers = layers
-        self._buf: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        p = manager.pooling
+        self._start = p.start if p.kind == "mean" else 0
+        self._keep = manager.manifest.window if p.kind == "mean" else 1
+        self._seen = 0
+        self._buf = {i: deque() for i in layers}
+        self._sum: dict[int, torch.Tensor] = {}
+        self._last: dict[int, torch.Tensor] = {}
         self.scores: list[torch.Tensor] = []  # one (C,) per generated token
+
+    def _push(self, i: int, rows: torch.Tensor) -> None:
+        buf = self._buf[i]
+        for k in range(rows.shape[0]):
+            if self._seen + k < self._start:
+                continue
+            row = rows[k]
+            buf.append(row)
+            self._sum[i] = row.clone() if i not in self._sum else self._sum[i] + row
+            if len(buf) > self._keep:
+                self._sum[i] = self._sum[i] - buf.popleft()
+        self._last[i] = rows[-1]
+
+    def current(self, i: int) -> torch.Tensor:
+        """The pooled residual of the text so far (the last token while shorter than the pooling start)."""
+        buf = self._buf[i]
+        return self._sum[i] / len(buf) if buf else self._last[i]
 
     def __call__(self, phase: str, residuals: dict[int, torch.Tensor]) -> None:
         for i in self.layers:
-            self._buf[i].append(residuals[i])
+            self._push(i, residuals[i])
+        self._seen += next(iter(residuals.values())).shape[0]
         if phase == "generate":
-            per_layer = []
-            for i in self.layers:
-                seq = torch.cat(self._buf[i])
-                per_layer.append(self.manager.layers[i].scores(self.manager.windowed(seq)[-1]))
+            per_layer = [self.manager.layers[i].scores(self.current(i)) for i in self.layers]
             self.scores.append(torch.stack(per_layer).mean(0))
 
 

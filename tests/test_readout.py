@@ -266,3 +266,24 @@ def test_cli_readout_json_and_jsonl(built, tiny_model_dir, tmp_path):
     f.write_text('{"id": 1}\n')
     bad2 = runner.invoke(app, ["readout", "--jsonl", str(f), *common])
     assert bad2.exit_code == 2 and "in.jsonl:1" in bad2.output
+
+
+def test_decode_reader_matches_read_tokens(built, tiny_lm):
+    """Scores during generation equal re-reading the generated text token by token."""
+    from engine.generation import generate
+
+    res, _, out = built
+    r = ReadoutManager.from_file(out, model=tiny_lm)
+    r.manifest.window = 6  # small window so the running sum really slides
+    layers = r.default_layers
+    reader = r.decode_reader(layers)
+    prompt = r.encode("the kettle sang")
+    g = generate(tiny_lm, prompt, max_new_tokens=12, capture_layers=layers, on_residuals=reader, read_last=True,
+                 stop_at_eos=False)
+    from engine.activations import token_activations
+
+    acts = token_activations(tiny_lm, prompt + g.token_ids, layers)
+    expected = torch.stack([r.layers[i].scores(r.windowed(acts[i])) for i in layers]).mean(0)
+    got = torch.stack(reader.scores)
+    assert got.shape == (len(g.token_ids), len(r.concepts))
+    assert torch.allclose(got, expected[len(prompt):], atol=1e-3)

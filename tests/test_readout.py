@@ -287,3 +287,18 @@ def test_decode_reader_matches_read_tokens(built, tiny_lm):
     got = torch.stack(reader.scores)
     assert got.shape == (len(g.token_ids), len(r.concepts))
     assert torch.allclose(got, expected[len(prompt):], atol=1e-3)
+
+
+def test_activation_cache_reused_only_for_same_texts(tiny_lm, tmp_path):
+    root = make_corpus(tmp_path / "c")
+    cache = tmp_path / "cache"
+    first = collect(tiny_lm, load_corpus(root), [1, 2], [Pooling("last")], progress=False, cache_dir=cache)
+    again = collect(tiny_lm, load_corpus(root), [1, 2], [Pooling("last")], progress=False, cache_dir=cache)
+    assert first.forwards > 0 and again.forwards == 0
+    assert [t.uid for t in again.texts] == [t.uid for t in first.texts]
+    assert torch.equal(again.acts.pooled[Pooling("last")][2], first.acts.pooled[Pooling("last")][2])
+    (root / "stories" / "cozy" / "01.txt").write_text("An entirely different paragraph about a cat by the fire. " * 3)
+    changed = collect(tiny_lm, load_corpus(root), [1, 2], [Pooling("last")], progress=False, cache_dir=cache)
+    assert changed.forwards > 0
+    (cache / next(p.name for p in cache.iterdir())).write_bytes(b"garbage")
+    assert collect(tiny_lm, load_corpus(root), [1, 2], [Pooling("last")], progress=False, cache_dir=cache).forwards >= 0

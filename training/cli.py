@@ -48,6 +48,7 @@ def train(
     pooling: Optional[str] = typer.Option(None, help="Fix pooling ('last', 'mean', 'mean:K') instead of choosing by validation."),
     standardize: Optional[bool] = typer.Option(None, "--standardize/--no-standardize", help="Fix per-dimension standardisation."),
     pca_share: Optional[float] = typer.Option(None, min=0.0, max=0.99, help="Fix the neutral-PCA share projected out (0 = off)."),
+    whiten: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Fix the whitening shrinkage (0 = off; see training.steering_vectors)."),
     min_positives: int = typer.Option(2, min=1, help="Positives an emotion needs; fail fast below."),
     plots: bool = typer.Option(True, help="Write validation PNGs."),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None,
@@ -65,21 +66,24 @@ def train(
     except (CorpusError, CorpusTooSmall, FileNotFoundError) as exc:
         _fail(str(exc))
     fixed = None
-    if pooling is not None or standardize is not None or pca_share is not None:
+    if pooling is not None or standardize is not None or pca_share is not None or whiten is not None:
         try:
-            fixed = FitOptions(Pooling.parse(pooling or "mean:10"), True if standardize is None else standardize, pca_share or 0.0)
+            fixed = FitOptions(Pooling.parse(pooling or "mean:10"), True if standardize is None else standardize,
+                               pca_share or 0.0, 0.5 if whiten is None else whiten)
         except ValueError as exc:
             _fail(str(exc))
     cfg = make_config(home, model, threads=threads)
     lm = load_or_exit(cfg)
     out_dir = out or default_readout_dir(cfg, lm)
     try:
-        res = build_readout(lm, c, out_dir, layers=parse_layers(layers), fixed=fixed, plots=plots, echo=echo_err)
+        res = build_readout(lm, c, out_dir, layers=parse_layers(layers), fixed=fixed, plots=plots, echo=echo_err,
+                            cache_dir=cfg.home / "cache")
     except (ValueError, CorpusTooSmall) as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"out": str(out_dir), "concepts": len(res.readout.concepts), "layers": res.readout.manifest.layers,
                            "default_layers": res.readout.default_layers, "pooling": res.readout.manifest.pooling,
                            "standardize": res.readout.manifest.standardize, "pca_share": res.readout.manifest.pca_share,
+                           "whiten": res.readout.manifest.whiten,
                            "texts": res.activations.forwards, "tokens": res.activations.acts.n_tokens,
                            "seconds": round(res.seconds, 1), "validation": res.readout.manifest.validation,
                            "plots": [str(p) for p in res.plots]}, indent=2))
@@ -110,9 +114,10 @@ def validate_cmd(
     except ReadoutError as exc:
         _fail(str(exc))
     c = load_corpus(corpus)
-    own = FitOptions(Pooling.parse(existing.manifest.pooling), existing.manifest.standardize, existing.manifest.pca_share)
+    own = FitOptions(Pooling.parse(existing.manifest.pooling), existing.manifest.standardize, existing.manifest.pca_share,
+                     existing.manifest.whiten)
     candidates = DEFAULT_GRID if grid else (own,)
-    ca = collect(lm, c, existing.manifest.layers, sorted({o.pooling for o in candidates}, key=str))
+    ca = collect(lm, c, existing.manifest.layers, sorted({o.pooling for o in DEFAULT_GRID}, key=str), cache_dir=cfg.home / "cache")
     report = validate(ca, c, model_ref(lm), lm.hidden_size, grid=candidates)
     out_dir = out or rdir / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ class BuildResult:
 def build_readout(lm: LoadedModel, corpus: Corpus, out_dir: Path, layers: list[int] | None = None,
                   grid: tuple[FitOptions, ...] = DEFAULT_GRID, fixed: FitOptions | None = None,
                   default_layers: list[int] | None = None, min_positives: int = 2, plots: bool = True,
-                  echo: Callable[[str], None] = print) -> BuildResult:
+                  echo: Callable[[str], None] = print, cache_dir: Path | None = None) -> BuildResult:
     """Validate settings on held-out stories, then fit on the full corpus and write the readout."""
     t0 = time.perf_counter()
     check_corpus_size(corpus, min_positives)
@@ -45,8 +45,8 @@ def build_readout(lm: LoadedModel, corpus: Corpus, out_dir: Path, layers: list[i
     echo(f"layers: {', '.join(lm.describe_layer(i) for i in layers)}")
     candidates = (fixed,) if fixed else grid
     poolings = sorted({o.pooling for o in candidates}, key=str)
-    ca = collect(lm, corpus, layers, poolings)
-    echo(f"activations: {ca.forwards} unique texts, {ca.acts.n_tokens} tokens in {ca.seconds:.1f} s "
+    ca = collect(lm, corpus, layers, poolings, cache_dir=cache_dir)
+    echo(f"activations: {len(ca.texts)} unique texts{' (cached)' if ca.forwards == 0 else ''}, {ca.acts.n_tokens} tokens in {ca.seconds:.1f} s "
          f"({ca.acts.n_tokens / max(ca.seconds, 1e-9):.0f} tok/s)")
     ref = model_ref(lm)
     report = None
@@ -101,5 +101,5 @@ def ensure_readout(lm: LoadedModel, config, readout_path: Path | None = None, co
     if not (directory / MANIFEST_FILE).is_file():
         echo(f"amygdala: no emotion readout for {lm.name} yet; training it from the corpus into {directory} "
              "(one-time: one pass over ~1,300 texts, a few minutes on 2 CPU cores).")
-        build_readout(lm, load_corpus(corpus_root), directory, echo=echo)
+        build_readout(lm, load_corpus(corpus_root), directory, echo=echo, cache_dir=config.home / "cache")
     return ReadoutManager.from_file(directory, model=lm, max_tokens=config.max_tokens, truncation=config.truncation)

@@ -24,14 +24,14 @@ from corpus import Corpus
 from engine.activations import Pooling
 from engine.readout import ReadoutManager
 
-from .steering_vectors import CorpusActivations, FitOptions, fit_readout
+from .steering_vectors import CorpusActivations, FitOptions, fit_readout, small_linalg
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID: tuple[FitOptions, ...] = tuple(
-    FitOptions(p, std, pca)
+    FitOptions(p, std, pca, white)
     for p in (Pooling("last"), Pooling("mean", 0), Pooling("mean", 10))
-    for std in (False, True)
+    for std, white in ((False, 0.0), (True, 0.0), (True, 0.5), (True, 0.3))
     for pca in (0.0, 0.5)
 )
 
@@ -42,7 +42,8 @@ class LayerMetrics:
     top1: float
     top5: float
     family: float
-    cohesion: dict[str, float] = field(default_factory=dict)
+    cohesion: dict[str, float] = field(default_factory=dict)  # readout vectors (whitened when enabled)
+    cohesion_caa: dict[str, float] = field(default_factory=dict)  # raw difference-of-means directions
     valence_r: float = 0.0
 
     @property
@@ -142,14 +143,18 @@ def evaluate(readout: ReadoutManager, ca: CorpusActivations, held: torch.Tensor,
     valence = [corpus.manifest.by_id[c].valence for c in concepts]
     pooling = readout.pooling
     out = []
-    z_by_layer = {}
-    for layer in layers or readout.manifest.layers:
-        lr = readout.layers[layer]
-        z = lr.scores(ca.acts.pooled[pooling][layer][rows])
-        z_by_layer[layer] = z
-        t1, t5, fa = accuracy(z, truth, families)
-        out.append(LayerMetrics(layer, t1, t5, fa, cohesion(lr.vectors, families), valence_correlation(lr.vectors, valence)))
+    with small_linalg():
+        for layer in layers or readout.manifest.layers:
+            out.append(_layer_metrics(readout, ca, rows, truth, families, valence, pooling, layer))
     return out, truth
+
+
+def _layer_metrics(readout, ca, rows, truth, families, valence, pooling, layer) -> LayerMetrics:
+    lr = readout.layers[layer]
+    z = lr.scores(ca.acts.pooled[pooling][layer][rows])
+    t1, t5, fa = accuracy(z, truth, families)
+    return LayerMetrics(layer, t1, t5, fa, cohesion(lr.vectors, families), cohesion(lr.directions, families),
+                        valence_correlation(lr.vectors, valence))
 
 
 def choose_default_layers(per_layer: list[LayerMetrics], band: float = 0.9, max_layers: int = 3) -> list[int]:
@@ -241,15 +246,17 @@ def write_plots(report: ValidationReport, readout: ReadoutManager, out_dir: Path
     plt.close(fig)
 
     fams = sorted({f for m in chosen.per_layer for f in m.cohesion})
-    grid = torch.tensor([[m.cohesion.get(f, float("nan")) for f in fams] for m in chosen.per_layer])
-    fig, ax = plt.subplots(figsize=(10, 6))
-    lim = float(grid.nan_to_num(0).abs().max()) or 1.0
-    im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
-    ax.set_yticks(range(len(fams)), fams, fontsize=8)
-    ax.set_xticks(range(len(layers)), layers)
-    ax.set_xlabel("layer")
-    ax.set_title("Family cohesion (mean cosine within family minus to other families; red = anti-clustered)")
-    fig.colorbar(im, ax=ax)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    for ax, key, title in ((axes[0], "cohesion", "readout vectors"), (axes[1], "cohesion_caa", "CAA directions (raw mean difference)")):
+        grid = torch.tensor([[getattr(m, key).get(f, float("nan")) for f in fams] for m in chosen.per_layer])
+        lim = float(grid.nan_to_num(0).abs().max()) or 1.0
+        im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_yticks(range(len(fams)), fams, fontsize=8)
+        ax.set_xticks(range(len(layers)), layers)
+        ax.set_xlabel("layer")
+        ax.set_title(f"family cohesion, {title}", fontsize=10)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle("mean cosine within family minus mean cosine to other families (red = clustered, blue = anti-clustered)")
     fig.tight_layout()
     paths.append(out_dir / "cohesion_heatmap.png")
     fig.savefig(paths[-1], dpi=110)
@@ -258,7 +265,8 @@ def write_plots(report: ValidationReport, readout: ReadoutManager, out_dir: Path
     layer = report.default_layers[0]
     v = readout.layers[layer].vectors
     x = v - v.mean(0)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    with small_linalg():
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
     xy = (x @ vh[:2].T).numpy()
     famlist = readout.manifest.families
     uniq = sorted(set(famlist))

@@ -9,15 +9,26 @@ Options that decide quality, chosen by `training.readout_validation` rather than
 - pooling: last token, or mean of token residuals from token k;
 - standardize: divide each hidden dimension by its corpus std before the difference of means, so
   a few high-variance dimensions (common in small models) do not dominate the direction;
+- whiten: shrinkage lambda for whitening with the within-emotion covariance (0 = off). The readout
+  vector becomes Sigma_lambda^-1 (mean_pos - mean_neg), which is the difference of means measured in
+  the whitened space: directions along which stories of the *same* emotion already vary a lot
+  (topic, narrator, length) count for less. Sigma_lambda = (1 - lambda) Sigma + lambda (tr Sigma / H) I
+  keeps it well-conditioned with ~1,300 texts in 640 dimensions. On the embedded model this lifts
+  held-out top-1 from about 0.20 to 0.43 (see `amygdala vectors validate --grid`).
 - pca_share: project out the top principal components of neutral text (scenario baselines and the
   neutral set) explaining that share of variance, removing "this is text" directions.
+
+Steering `directions` are always the plain difference of means in the raw residual space (CAA): the
+whitened readout vector is the best detector, the raw mean shift is what moves activations.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +51,11 @@ class FitOptions:
     pooling: Pooling = Pooling("mean", 10)
     standardize: bool = True
     pca_share: float = 0.0
+    whiten: float = 0.0
 
     def label(self) -> str:
-        return f"{self.pooling}{'+std' if self.standardize else ''}{f'+pca{self.pca_share:g}' if self.pca_share else ''}"
+        return (f"{self.pooling}{'+std' if self.standardize else ''}{f'+white{self.whiten:g}' if self.whiten else ''}"
+                f"{f'+pca{self.pca_share:g}' if self.pca_share else ''}")
 
 
 @dataclass
@@ -79,8 +92,23 @@ def check_corpus_size(corpus: Corpus, min_positives: int = 2, min_emotions: int 
 
 
 def collect(lm: LoadedModel, corpus: Corpus, layers: Sequence[int] | None, poolings: Sequence[Pooling],
-            progress: bool = True, max_batch_tokens: int = 4096) -> CorpusActivations:
+            progress: bool = True, max_batch_tokens: int = 4096, cache_dir: Path | None = None) -> CorpusActivations:
+    """Pooled activations of every unique text; with cache_dir, reused when weights and texts match."""
     layers = lm.check_layers(list(layers) if layers is not None else None)
+    cache = cache_dir / f"activations-{activations_key(lm, corpus, layers, poolings)}.safetensors" if cache_dir else None
+    if cache is not None:
+        hit = load_activations(cache, corpus)
+        if hit is not None:
+            log.info("reusing cached activations %s", cache)
+            return hit
+    ca = _collect(lm, corpus, layers, poolings, progress, max_batch_tokens)
+    if cache is not None:
+        save_activations(ca, cache)
+    return ca
+
+
+def _collect(lm: LoadedModel, corpus: Corpus, layers: list[int], poolings: Sequence[Pooling], progress: bool,
+             max_batch_tokens: int) -> CorpusActivations:
     texts = unique_texts(corpus)
     t0 = time.perf_counter()
     seqs = [lm.tokenizer(t.text)["input_ids"] for t in texts]
@@ -88,6 +116,60 @@ def collect(lm: LoadedModel, corpus: Corpus, layers: Sequence[int] | None, pooli
                                     progress="corpus activations" if progress else False)
     return CorpusActivations(texts=texts, acts=acts, layers=layers, seconds=time.perf_counter() - t0,
                              forwards=len(seqs), label_of=[t.emotion for t in texts])
+
+
+def activations_key(lm: LoadedModel, corpus: Corpus, layers: Sequence[int], poolings: Sequence[Pooling]) -> str:
+    """Cache key: same weights, same texts, same layers and poolings -> same activations."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (lm.weights_hash(), corpus.content_hash(), ",".join(map(str, layers)), ",".join(sorted(map(str, poolings)))):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def save_activations(ca: CorpusActivations, path: Path) -> None:
+    """safetensors + metadata (no pickle); written atomically so a killed run leaves no half file."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {f"{p}|{i}": t.contiguous() for p, by_layer in ca.acts.pooled.items() for i, t in by_layer.items()}
+    meta = {"uids": json.dumps([t.uid for t in ca.texts]), "token_norm": json.dumps(ca.acts.token_norm),
+            "n_tokens": str(ca.acts.n_tokens), "seconds": str(ca.seconds), "layers": json.dumps(ca.layers)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_activations(path: Path, corpus: Corpus) -> CorpusActivations | None:
+    """Cached activations for `corpus`, or None if the file is missing or does not match it."""
+    import json
+
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+            pooled: dict[Pooling, dict[int, torch.Tensor]] = {}
+            for k in fh.keys():
+                p, i = k.rsplit("|", 1)
+                pooled.setdefault(Pooling.parse(p), {})[int(i)] = fh.get_tensor(k)
+    except Exception:  # a damaged cache is recomputed, never trusted
+        return None
+    by_uid = {t.uid: t for t in unique_texts(corpus)}
+    uids = json.loads(meta["uids"])
+    if set(uids) != set(by_uid):
+        return None
+    texts = [by_uid[u] for u in uids]
+    acts = ActivationResult(pooled=pooled, token_norm={int(k): v for k, v in json.loads(meta["token_norm"]).items()},
+                            n_tokens=int(meta["n_tokens"]))
+    return CorpusActivations(texts=texts, acts=acts, layers=json.loads(meta["layers"]), seconds=float(meta["seconds"]),
+                             forwards=0, label_of=[t.emotion for t in texts])
 
 
 def _pca_basis(x: torch.Tensor, share: float) -> torch.Tensor:
@@ -109,6 +191,20 @@ def _project_out(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def _whiten(u: torch.Tensor, labels: torch.Tensor, d: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """Sigma_lambda^-1 d with Sigma the within-class covariance of u (baselines form one class)."""
+    classes = torch.where(labels >= 0, labels, labels.max() + 1)
+    n_cls = int(classes.max()) + 1
+    onehot = torch.zeros(u.shape[0], n_cls)
+    onehot[torch.arange(u.shape[0]), classes] = 1.0
+    means = (onehot.T @ u) / onehot.sum(0).clamp_min(1).unsqueeze(1)
+    r = u - means[classes]
+    sigma = r.T @ r / max(u.shape[0] - n_cls, 1)
+    h = sigma.shape[0]
+    sigma = (1 - shrinkage) * sigma + shrinkage * (torch.trace(sigma) / h) * torch.eye(h)
+    return torch.linalg.solve(sigma.double(), d.T.double()).T.float()
 
 
 def fit_layer(x: torch.Tensor, labels: list[int | None], n_concepts: int, baseline_mask: torch.Tensor,
@@ -138,6 +234,8 @@ def fit_layer(x: torch.Tensor, labels: list[int | None], n_concepts: int, baseli
 
     u = (xp - center) / scale
     vectors = diff_of_means(u)
+    if opts.whiten > 0:
+        vectors = _whiten(u, lp, vectors, opts.whiten)
     vectors = _unit(_project_out(vectors, _pca_basis((neutral - center) / scale, opts.pca_share)))
     directions = diff_of_means(xp)
     directions = _unit(_project_out(directions, _pca_basis(neutral, opts.pca_share)))
@@ -159,15 +257,32 @@ def fit_readout(lm_ref: ModelRef, hidden_size: int, ca: CorpusActivations, corpu
     baseline = torch.tensor([t.kind == "baseline" for t in ca.texts]) & keep
     neutral = torch.tensor([t.kind == "neutral" for t in ca.texts]) & keep
     layers: dict[int, LayerReadout] = {}
-    for i in ca.layers:
-        layers[i] = fit_layer(ca.acts.pooled[opts.pooling][i], labels, len(concepts), baseline, neutral, opts,
-                              ca.acts.token_norm[i])
+    with small_linalg():
+        for i in ca.layers:
+            layers[i] = fit_layer(ca.acts.pooled[opts.pooling][i], labels, len(concepts), baseline, neutral, opts,
+                                  ca.acts.token_norm[i])
     manifest = ReadoutManifest(
         concepts=concepts, families=[m.family_of(c) for c in concepts], layers=list(ca.layers), hidden_size=hidden_size,
         model=lm_ref, pooling=str(opts.pooling), standardize=opts.standardize, pca_share=opts.pca_share,
+        whiten=opts.whiten,
         window=DEFAULT_WINDOW, default_layers=default_layers or [ca.layers[len(ca.layers) // 2]],
         corpus_hash=corpus.content_hash())
     return ReadoutManager(manifest, layers)
+
+
+@contextmanager
+def small_linalg() -> Iterator[None]:
+    """Run small decompositions (640x640 solves, 267x640 SVDs) on one thread.
+
+    Multi-threaded LAPACK on a busy 2-core machine spin-waits: a 267x640 SVD measured 7 s with
+    two threads under load and 0.05 s with one. The heavy work (forward passes) is done by then.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_ref(lm: LoadedModel) -> ModelRef:

@@ -1,0 +1,49 @@
+"""Subprocess for the checkpoint-sync crash tests: syncs a model directory and gets SIGKILLed.
+
+    python tests/sync_crash_worker.py MODEL_DIR A.safetensors B.safetensors loop
+        print "ready", then sync MODEL_DIR to B, A, B, A, ... until killed from outside.
+    python tests/sync_crash_worker.py MODEL_DIR A.safetensors B.safetensors event N
+        sync MODEL_DIR to B once, SIGKILLing itself at the N-th sync event (1-based);
+        prints the sync's event names as a JSON list instead if it finishes first (N=0).
+
+Imports numpy, not torch, so that each of the many restarts is quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safetensors.numpy import load_file  # noqa: E402
+
+from training.checkpoint_sync import sync_checkpoint  # noqa: E402
+
+
+def main() -> None:
+    model_dir, a_path, b_path, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    a, b = load_file(a_path), load_file(b_path)
+    if mode == "loop":
+        sync_checkpoint(model_dir, a, dry_run=True)  # warm up (lazy imports) so kills land in real syncs
+        print("ready", flush=True)
+        while True:
+            sync_checkpoint(model_dir, b)
+            sync_checkpoint(model_dir, a)
+    kill_at = int(sys.argv[5])
+    events: list[str] = []
+
+    def on_event(name: str) -> None:
+        events.append(name)
+        if len(events) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sync_checkpoint(model_dir, b, on_event=on_event)
+    print(json.dumps(events), flush=True)
+
+
+if __name__ == "__main__":
+    main()

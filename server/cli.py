@@ -17,6 +17,7 @@ from engine.cli import generate_cmd, model_app
 from memory_graph.cli import app as memory_app
 from training.cli import readout_cmd, vectors_app
 from training.steer_cli import steer_app
+from training.sync_cli import sync_cmd
 
 from .serve_cli import serve
 
@@ -34,6 +35,7 @@ app.add_typer(vectors_app, name="vectors")
 app.command("readout")(readout_cmd)
 app.add_typer(steer_app, name="steer")
 app.command("serve")(serve)
+app.command("sync")(sync_cmd)
 
 
 def main() -> None:

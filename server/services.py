@@ -52,10 +52,17 @@ def open_services(config: Config, *, train: bool = True, limits: ServerLimits | 
                   lm: LoadedModel | None = None, readout_path=None, echo: Callable[[str], None] = print,
                   train_settings: Any | None = None, sync_delay_s: float | None = None) -> Services:
     """Load everything once. With train=False no worker or scheduler is started (read-only server)."""
-    from engine.model import load_model
+    from engine.model import load_model, resolve_model_path
+    from training.checkpoint_sync import recover
     from training.readout_build import ensure_readout
 
-    lm = lm or load_model(config, echo=echo)
+    if lm is None:
+        # A sync killed mid-write leaves a journal: replay it before the weights are mapped, or the
+        # server would serve the half-old file.
+        rep = recover(resolve_model_path(config, echo=echo))
+        if rep.status != "clean":
+            echo(f"amygdala: checkpoint journal {rep.status} before loading the model")
+        lm = load_model(config, echo=echo)
     readout = ensure_readout(lm, config, readout_path, echo=echo)
     limits = limits or ServerLimits(max_text_tokens=config.max_tokens)
     readout.max_tokens = limits.max_text_tokens
@@ -71,27 +78,23 @@ def _start_training(services: Services, settings: Any | None, sync_delay_s: floa
                     echo: Callable[[str], None]) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from training.checkpoint_sync import CheckpointSyncer
     from training.client import TrainingClient
     from training.sync_schedule import SYNC_DELAY_S, SyncScheduler
 
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
     scheduler.start()
     services.scheduler = scheduler
-    services.on_close(lambda: scheduler.shutdown(wait=True))
+    services.on_close(lambda: scheduler.shutdown(wait=True))  # closers run newest first: this one last
     trainer = TrainingClient(services.lm, services.config, settings)
     services.trainer = trainer
-    services.on_close(trainer.close)
     if services.lm.path is not None:
-        sync = SyncScheduler(scheduler, lambda: sync_model(services), delay_s=SYNC_DELAY_S if sync_delay_s is None else sync_delay_s)
+        syncer = CheckpointSyncer(services.lm.path, services.lm.model, lock=services.lm.lock,
+                                  weights_version=lambda: trainer.weights_version)
+        sync = SyncScheduler(scheduler, syncer.sync, delay_s=SYNC_DELAY_S if sync_delay_s is None else sync_delay_s)
         services.sync = sync
         trainer.on_job_finished.append(lambda result: sync.notify_training_finished() if result.steps_applied > 0 else None)
-        services.on_close(sync.shutdown)  # runs before the worker stops: closers run newest first
+        services.on_close(sync.shutdown)  # final sync on clean shutdown, after the worker has stopped
     else:
         echo("amygdala: model has no directory on disk; checkpoint sync disabled")
-
-
-def sync_model(services: Services) -> Any:
-    """Write the live weights' changed blocks into the model directory (the checkpoint)."""
-    from training.checkpoint_sync import sync_checkpoint
-
-    return sync_checkpoint(services.lm.path, services.lm.model)
+    services.on_close(trainer.close)

@@ -39,7 +39,7 @@ def main() -> None:
     print(machine_line())
     prompts = [r.encode(p) for p in NEUTRAL_PROMPTS[: args.prompts]]
     all_layers = r.manifest.layers
-    plan = build_plan(r, {args.concept: 0.3}, None)
+    plan = build_plan(r, {args.concept: 0.03}, None)
 
     def plain() -> int:
         return sum(len(generate(lm, p, max_new_tokens=args.tokens, stop_at_eos=False).token_ids) for p in prompts)

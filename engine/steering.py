@@ -3,8 +3,9 @@
 Unit of alpha: a push of alpha = 1 at layer l adds a vector whose norm equals that layer's typical
 token residual norm (mean L2 norm over corpus tokens, BOS excluded, stored in the readout as
 `layer_<l>.residual_norm`). So alpha = 0.1 is "10% of a typical residual", the same push at every
-layer and on every model, whatever its residual scale. Useful values on the embedded model are
-a few tenths (see `amygdala steer sweep`).
+layer and on every model, whatever its residual scale. Useful values on the embedded model are a
+few hundredths (Gemma 3's residual norm is dominated by a few massive dimensions, so 0.03 of
+it is already a strong push; see `amygdala steer sweep`).
 
 Isolation: the hooks exist only inside `steer(...)` / `generate_steered(...)`, which hold the
 model's lock, so a concurrent readout waits rather than seeing another call's steering, and the

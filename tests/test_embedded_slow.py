@@ -67,9 +67,9 @@ def test_steering_moves_the_reread_score(embedded_lm, subset_readout):
     from engine.steering_eval import NEUTRAL_PROMPTS, sweep
 
     _, r = subset_readout
-    res = sweep(embedded_lm, r, "joyful", [0.3], list(NEUTRAL_PROMPTS[:3]), max_new_tokens=24)
+    res = sweep(embedded_lm, r, "joyful", [0.04], list(NEUTRAL_PROMPTS[:3]), max_new_tokens=24)
     base = next(s for s in res.per_alpha if s.alpha == 0.0)
-    up = next(s for s in res.per_alpha if s.alpha == 0.3)
+    up = next(s for s in res.per_alpha if s.alpha == 0.04)
     assert up.mean_score > base.mean_score, res.per_alpha
     # and the model is untouched afterwards
     ids = r.encode("The library was quiet")

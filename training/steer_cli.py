@@ -102,7 +102,7 @@ def run(
 @steer_app.command("sweep")
 def sweep_cmd(
     concept: str = typer.Option(..., "--concept", "-c", help="Concept to sweep."),
-    alphas: str = typer.Option("-0.4,-0.2,0,0.2,0.4", help="Comma-separated alphas."),
+    alphas: str = typer.Option("-0.04,-0.02,0,0.02,0.04", help="Comma-separated alphas (units of the typical residual norm)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (default: 20 built-in neutral prompts)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of score, direction share and perplexity vs alpha."),
     layers: Optional[str] = typer.Option(None),

@@ -15,7 +15,7 @@ from ..models import SteeringSide, TestSteeringResult
 from ..services import Services
 from .common import in_thread, progress_reporter, services, tool_errors
 
-MAX_ABS_ALPHA = 4.0
+MAX_ABS_ALPHA = 1.0
 
 
 def register(mcp: MCPServer, svc_static: Services) -> None:
@@ -23,7 +23,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
     async def test_steering(
         prompt: Annotated[str, Field(description="Prompt to continue, once unsteered and once steered.")],
         concepts: Annotated[dict[str, float], Field(description="Concept -> alpha. alpha 1 = a push as large as the layer's "
-                                                               "typical residual norm; useful values are a few tenths; negative steers away.")],
+                                                               "typical residual norm; useful values are a few hundredths (0.02-0.05); negative steers away.")],
         ctx: Context,
         layers: Annotated[list[int] | None, Field(description="Layers to steer; default: the readout's default layers.")] = None,
         positions: Annotated[Literal["prompt", "generated", "both"], Field(description="Where to add the vectors.")] = "both",
@@ -46,7 +46,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         for name, alpha in concepts.items():
             if not math.isfinite(alpha) or abs(alpha) > MAX_ABS_ALPHA:
                 raise ToolError(f"alpha for {name!r} is {alpha}; use a finite value within ±{MAX_ABS_ALPHA} "
-                                "(alpha 1 already pushes by a whole typical residual norm)")
+                                "(alpha 1 already pushes by a whole typical residual norm; useful values are a few hundredths)")
         if max_new_tokens is None:
             max_new_tokens = min(48, lim.max_new_tokens)
         if max_new_tokens > lim.max_new_tokens:

@@ -1,0 +1,168 @@
+"""`train-server` (the HTTP training API, standalone) and `submit` / `status` / `rollback` clients.
+
+The server side never tokenizes; `submit` is a client and may: give text (--context/--preferred/
+--rejected) and it tokenizes with the served model's tokenizer (loaded alone, without weights), or
+give raw ids (--context-ids "2,1044,...").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.cli import HomeOpt, ModelOpt, echo_err, load_or_exit, make_config
+
+DEFAULT_PORT = 8765
+UrlOpt = Annotated[str, typer.Option("--url", help="Base URL of a running train-server (or amygdala server).")]
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+train_app = typer.Typer(help="Train corrections into the served weights (context-frozen ORPO/SFT through APOLLO).",
+                        no_args_is_help=True)
+
+
+@train_app.command("train-server")
+def train_server(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (keep 127.0.0.1 unless you add auth)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535),
+    home: HomeOpt = None, model: ModelOpt = None,
+    optimizer: str = typer.Option("apollo", "--optimizer", help="apollo | apollo-mini | adamw"),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="APOLLO rank (default 64)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default learning rate (1e-5)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the training worker."),
+) -> None:
+    """Serve POST /train, GET /train/status and POST /checkpoint on the served model's weights."""
+    import contextlib
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .api import create_app
+    from .client import TrainingClient
+    from .schemas import TrainSettings, WorkerUnavailable
+
+    try:
+        overrides = {k: v for k, v in {"optimizer": optimizer, "rank": rank, "lr": lr, "threads": threads}.items() if v is not None}
+        settings = TrainSettings(**overrides)
+    except ValidationError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
+    cfg = make_config(home, model)
+    lm = load_or_exit(cfg)
+    echo_err(f"starting the training worker on {lm.name} ...")
+    try:
+        client = TrainingClient(lm, cfg, settings)
+    except WorkerUnavailable as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    echo_err(f"training worker ready: {client.status().optimizer}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):  # noqa: ANN001
+        try:
+            yield
+        finally:
+            client.close()
+
+    uvicorn.run(create_app(client, on_checkpoint=None, lifespan=lifespan), host=host, port=port, log_level="warning")
+
+
+def _ids(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        echo_err(f"error: {text!r} is not a list of integers; pass e.g. --context-ids '2,1044,573'")
+        raise typer.Exit(2) from None
+
+
+def _tokenizer(home: Optional[Path], model: Optional[str]):
+    from transformers import AutoTokenizer
+
+    from engine.model import ModelError, resolve_model_path
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(make_config(home, model), echo=echo_err))
+    except ModelError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _request(method: str, url: str, body: dict | None = None) -> dict:
+    import httpx
+
+    try:
+        resp = httpx.request(method, url, json=body, timeout=60)
+    except httpx.HTTPError as exc:
+        echo_err(f"error: cannot reach {url} ({exc}); is `train-server` running?")
+        raise typer.Exit(1) from None
+    data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {"error": resp.text}
+    if resp.status_code >= 400:
+        echo_err(f"error {resp.status_code}: {data.get('error', data)}")
+        raise typer.Exit(1)
+    return data
+
+
+@train_app.command("submit")
+def submit(
+    context: Optional[str] = typer.Option(None, "--context", help="Context text (tokenized with BOS)."),
+    preferred: Optional[str] = typer.Option(None, "--preferred", help="Preferred continuation text."),
+    rejected: Optional[str] = typer.Option(None, "--rejected", help="Rejected continuation text (makes it ORPO)."),
+    context_ids: Optional[str] = typer.Option(None, "--context-ids", help="Raw context ids, comma separated."),
+    continuation_ids: Optional[str] = typer.Option(None, "--continuation-ids"),
+    rejected_ids: Optional[str] = typer.Option(None, "--rejected-ids"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="sft | orpo (default: orpo when a rejected continuation is given)."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only compute loss and gradient norms."),
+    wait: bool = typer.Option(False, "--wait", help="Poll until the job finishes and print its result."),
+    url: UrlOpt = DEFAULT_URL, home: HomeOpt = None, model: ModelOpt = None,
+) -> None:
+    """Submit one correction to a running train-server."""
+    import time
+
+    if any(t is not None for t in (context, preferred, rejected)):
+        if context is None or preferred is None:
+            echo_err("error: text mode needs --context and --preferred (and optionally --rejected)")
+            raise typer.Exit(2)
+        tok = _tokenizer(home, model)
+        ctx = tok(context, add_special_tokens=True)["input_ids"]
+        cont = tok(preferred, add_special_tokens=False)["input_ids"]
+        rej = tok(rejected, add_special_tokens=False)["input_ids"] if rejected is not None else None
+    else:
+        ctx, cont, rej = _ids(context_ids), _ids(continuation_ids), _ids(rejected_ids)
+        if ctx is None or cont is None:
+            echo_err("error: pass --context/--preferred text or --context-ids/--continuation-ids")
+            raise typer.Exit(2)
+    body = {"context_ids": ctx, "continuation_ids": cont, "loss": loss or ("orpo" if rej else "sft"),
+            "epochs": epochs, "dry_run": dry_run}
+    if rej is not None:
+        body["rejected_ids"] = rej
+    if lr is not None:
+        body["lr"] = lr
+    base = url.rstrip("/")
+    data = _request("POST", f"{base}/train", body)
+    if not wait:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    while True:
+        result = _request("GET", f"{base}/train/jobs/{data['job_id']}")
+        if result["state"] in ("done", "failed", "cancelled"):
+            typer.echo(json.dumps(result, indent=2))
+            raise typer.Exit(0 if result["state"] == "done" else 1)
+        time.sleep(1.0)
+
+
+@train_app.command("status")
+def status(url: UrlOpt = DEFAULT_URL) -> None:
+    """Worker state, queue, current job, step and loss, last error."""
+    typer.echo(json.dumps(_request("GET", f"{url.rstrip('/')}/train/status"), indent=2))
+
+
+@train_app.command("rollback")
+def rollback(job_id: str = typer.Argument(..., help="Job to undo (it and every later job)."), url: UrlOpt = DEFAULT_URL) -> None:
+    """Restore the weights from before a job."""
+    typer.echo(json.dumps(_request("POST", f"{url.rstrip('/')}/train/rollback", {"job_id": job_id}), indent=2))

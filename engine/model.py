@@ -152,6 +152,10 @@ class LoadedModel:
             self._weights_hash = h.hexdigest()[:16]
         return self._weights_hash
 
+    def invalidate_weights_hash(self) -> None:
+        """Call after the weights changed in place (training), so the next weights_hash() recomputes."""
+        self._weights_hash = None
+
     def info(self) -> dict:
         return {
             "name": self.name,

@@ -18,6 +18,7 @@ from memory_graph.cli import app as memory_app
 from training.cli import readout_cmd, vectors_app
 from training.steer_cli import steer_app
 from training.sync_cli import sync_cmd
+from training.train_cli import train_app
 
 from .serve_cli import serve
 
@@ -36,6 +37,7 @@ app.command("readout")(readout_cmd)
 app.add_typer(steer_app, name="steer")
 app.command("serve")(serve)
 app.command("sync")(sync_cmd)
+app.add_typer(train_app, name="train")
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ def _start_training(services: Services, settings: Any | None, sync_delay_s: floa
     services.on_close(lambda: scheduler.shutdown(wait=True))  # closers run newest first: this one last
     trainer = TrainingClient(services.lm, services.config, settings)
     services.trainer = trainer
+    trainer.on_job_finished.append(lambda result: services.lm.invalidate_weights_hash() if result.steps_applied > 0 else None)
     if services.lm.path is not None:
         syncer = CheckpointSyncer(services.lm.path, services.lm.model, lock=services.lm.lock,
                                   weights_version=lambda: trainer.weights_version)

@@ -131,9 +131,9 @@ def test_checkpoint_calls_the_hook_or_explains(service) -> None:
 
 def test_cli_has_server_and_clients() -> None:
     out = CliRunner().invoke(train_app, ["--help"]).output
-    for command in ("train-server", "submit", "status", "rollback"):
+    for command in ("server", "submit", "status", "rollback"):
         assert command in out
-    server_help = CliRunner().invoke(train_app, ["train-server", "--help"]).output
+    server_help = CliRunner().invoke(train_app, ["server", "--help"]).output
     for option in ("--host", "--port", "--model", "--home"):
         assert option in server_help
     result = CliRunner().invoke(train_app, ["submit", "--context-ids", "2,x", "--continuation-ids", "5"])

@@ -2,7 +2,7 @@
 
 Routes are built around a client object passed in (`build_train_routes(client, on_checkpoint)`) so
 the server can mount them next to its MCP endpoint; `create_app` wraps them in a standalone
-Starlette app for `amygdala train-server`. Handlers never wait for training: anything that may
+Starlette routes for `amygdala serve` and `amygdala train server`. Handlers never wait for training: anything that may
 block (submitting when the worker must be restarted, a rollback, a checkpoint sync) runs in the
 thread pool, so the event loop keeps answering status requests while a job runs.
 

@@ -1,4 +1,4 @@
-"""`train-server` (the HTTP training API, standalone) and `submit` / `status` / `rollback` clients.
+"""`amygdala train server` (the HTTP training API, standalone) and `submit` / `status` / `rollback` clients.
 
 The server side never tokenizes; `submit` is a client and may: give text (--context/--preferred/
 --rejected) and it tokenizes with the served model's tokenizer (loaded alone, without weights), or
@@ -16,14 +16,14 @@ import typer
 from engine.cli import HomeOpt, ModelOpt, echo_err, load_or_exit, make_config
 
 DEFAULT_PORT = 8765
-UrlOpt = Annotated[str, typer.Option("--url", help="Base URL of a running train-server (or amygdala server).")]
+UrlOpt = Annotated[str, typer.Option("--url", help="Base URL of a running `amygdala serve` or `amygdala train server`.")]
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 
 train_app = typer.Typer(help="Train corrections into the served weights (context-frozen ORPO/SFT through APOLLO).",
                         no_args_is_help=True)
 
 
-@train_app.command("train-server")
+@train_app.command("server")
 def train_server(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (keep 127.0.0.1 unless you add auth)."),
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535),
@@ -33,7 +33,7 @@ def train_server(
     lr: Optional[float] = typer.Option(None, "--lr", help="Default learning rate (1e-5)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads of the training worker."),
 ) -> None:
-    """Serve POST /train, GET /train/status and POST /checkpoint on the served model's weights."""
+    """Serve only the training API (POST /train, GET /train/status, POST /checkpoint); `amygdala serve` serves it too, next to MCP."""
     import contextlib
 
     import uvicorn
@@ -49,7 +49,16 @@ def train_server(
     except ValidationError as exc:
         echo_err(f"error: {exc}")
         raise typer.Exit(2) from None
+    from engine.model import ModelError, resolve_model_path
+
+    from .checkpoint_sync import CheckpointSyncer, recover
+
     cfg = make_config(home, model)
+    try:
+        recover(resolve_model_path(cfg, echo=echo_err))  # finish or discard an interrupted sync before mapping the weights
+    except ModelError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
     lm = load_or_exit(cfg)
     echo_err(f"starting the training worker on {lm.name} ...")
     try:
@@ -58,6 +67,7 @@ def train_server(
         echo_err(f"error: {exc}")
         raise typer.Exit(1) from None
     echo_err(f"training worker ready: {client.status().optimizer}")
+    syncer = CheckpointSyncer(lm.path, lm.model, lock=lm.lock, weights_version=lambda: client.weights_version)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):  # noqa: ANN001
@@ -66,7 +76,7 @@ def train_server(
         finally:
             client.close()
 
-    uvicorn.run(create_app(client, on_checkpoint=None, lifespan=lifespan), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(client, on_checkpoint=syncer.sync, lifespan=lifespan), host=host, port=port, log_level="warning")
 
 
 def _ids(text: Optional[str]) -> Optional[list[int]]:
@@ -97,7 +107,7 @@ def _request(method: str, url: str, body: dict | None = None) -> dict:
     try:
         resp = httpx.request(method, url, json=body, timeout=60)
     except httpx.HTTPError as exc:
-        echo_err(f"error: cannot reach {url} ({exc}); is `train-server` running?")
+        echo_err(f"error: cannot reach {url} ({exc}); is `amygdala serve` (or `amygdala train server`) running?")
         raise typer.Exit(1) from None
     data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {"error": resp.text}
     if resp.status_code >= 400:
@@ -121,7 +131,7 @@ def submit(
     wait: bool = typer.Option(False, "--wait", help="Poll until the job finishes and print its result."),
     url: UrlOpt = DEFAULT_URL, home: HomeOpt = None, model: ModelOpt = None,
 ) -> None:
-    """Submit one correction to a running train-server."""
+    """Submit one correction to a running `amygdala serve` or `amygdala train server`."""
     import time
 
     if any(t is not None for t in (context, preferred, rejected)):

@@ -102,6 +102,14 @@ def test_http_load_while_training(tmp_path, tiny_model_dir, readout_dir):
                 break
             time.sleep(0.5)
         assert r["state"] == "done", r
+
+        async def status():
+            async with Client(d.url + "/mcp") as c:
+                return await c.call_tool("train_status", {})
+
+        st = anyio.run(status)
+        assert not st.is_error, st.content
+        assert st.structured_content["next_checkpoint_sync"] is not None  # debounced sync scheduled after the job
         ck = httpx.post(d.url + "/checkpoint", timeout=120)
         assert ck.status_code == 200, ck.text
         from safetensors.torch import load_file

@@ -93,7 +93,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
             return TrainStatusResult(enabled=False, worker_error="training disabled (server started with --no-train)",
                                      corrections=corrections)
         st = svc.trainer.status()
-        nxt = svc.sync.next_run_time() if svc.sync is not None else None
+        nxt = svc.sync.next_run_time if svc.sync is not None else None
         return TrainStatusResult(enabled=True, worker_alive=st.worker_alive, worker_error=st.worker_error, queue=st.queue,
                                  current_job=st.current_job, step=st.step, total_steps=st.total_steps, loss=st.loss,
                                  last_error=st.last_error, jobs_finished=st.jobs_finished, optimizer=st.optimizer,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ._atomic import fsync_dir
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "gemma-3-270m-fp32"
@@ -93,15 +95,7 @@ def write_marker(directory: Path, source: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, directory / MARKER)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 def embedded_gguf_path() -> Path:
@@ -138,7 +132,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
                     os.fsync(fh.fileno())
         write_marker(tmp, source=str(gguf.name))
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from training.schemas import TrainStatus
+
 
 class ConceptScore(BaseModel):
     concept: str
@@ -67,16 +69,8 @@ class CorrectionResult(BaseModel):
 
 
 class TrainStatusResult(BaseModel):
-    enabled: bool
-    worker_alive: bool = False
-    worker_error: str | None = None
-    queue: list[str] = Field(default_factory=list)
-    current_job: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    last_error: str | None = None
-    jobs_finished: int = 0
-    optimizer: str = ""
+    enabled: bool = Field(description="False when the server runs without the training worker (--no-train).")
+    message: str
+    worker: TrainStatus | None = Field(None, description="The training worker's own status (queue, current job, step, loss).")
     next_checkpoint_sync: str | None = Field(None, description="ISO time of the scheduled checkpoint sync, if any.")
     corrections: dict[str, int] = Field(default_factory=dict, description="Stored corrections by status.")

@@ -131,4 +131,4 @@ def test_submit_correction_durable_and_idempotent(svc):
 
 def test_train_status_without_worker(svc):
     out = call(svc, "train_status", {}).structured_content
-    assert out["enabled"] is False and "disabled" in out["worker_error"]
+    assert out["enabled"] is False and "disabled" in out["message"] and out["worker"] is None

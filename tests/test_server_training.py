@@ -54,7 +54,7 @@ def test_train_now_queues_a_job_that_changes_the_served_weights(tmp_path, readou
                 return (await c.call_tool("train_status", {})).structured_content
 
         st = anyio.run(status)
-        assert st["enabled"] and st["worker_alive"] and st["jobs_finished"] == 1 and st["corrections"] == {"queued": 1}
+        assert st["enabled"] and st["worker"]["worker_alive"] and st["worker"]["jobs_finished"] == 1 and st["corrections"] == {"queued": 1}
     finally:
         svc.close()
 

@@ -90,11 +90,10 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         stats = svc.graph.stats()
         corrections = dict(stats.corrections_by_status)
         if svc.trainer is None:
-            return TrainStatusResult(enabled=False, worker_error="training disabled (server started with --no-train)",
+            return TrainStatusResult(enabled=False, message="training disabled (server started with --no-train)",
                                      corrections=corrections)
         st = svc.trainer.status()
         nxt = svc.sync.next_run_time if svc.sync is not None else None
-        return TrainStatusResult(enabled=True, worker_alive=st.worker_alive, worker_error=st.worker_error, queue=st.queue,
-                                 current_job=st.current_job, step=st.step, total_steps=st.total_steps, loss=st.loss,
-                                 last_error=st.last_error, jobs_finished=st.jobs_finished, optimizer=st.optimizer,
-                                 next_checkpoint_sync=nxt.isoformat() if nxt else None, corrections=corrections)
+        msg = "training worker running" if st.worker_alive else f"training worker down: {st.worker_error}"
+        return TrainStatusResult(enabled=True, message=msg, worker=st, corrections=corrections,
+                                 next_checkpoint_sync=nxt.isoformat() if nxt else None)

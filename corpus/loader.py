@@ -76,7 +76,7 @@ class Corpus:
         return [e for e in self.manifest.ids if len(self.positives(e)) >= minimum]
 
     def all_texts(self) -> list[Text]:
-        """Every distinct paragraph once (stories, framings, baselines, neutral)."""
+        """Every text file once (stories, framings, baselines, neutral); identical paragraphs in two files appear twice."""
         out: list[Text] = [t for ts in self.stories.values() for t in ts]
         for s in self.scenarios.values():
             if s.baseline is not None:

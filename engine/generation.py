@@ -142,8 +142,6 @@ def generate(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 64, t
                 break
             logits = forward([tok], cache, n)
             n += 1
-        else:
-            pass
     text = lm.tokenizer.decode([t for t in out if t not in stops], skip_special_tokens=True)
     return GenerationResult(prompt_ids=list(prompt_ids), token_ids=out, text=text, finish_reason=finish, logprobs=logps)
 

@@ -17,6 +17,9 @@ from .common import in_thread, services, tool_errors
 
 
 def concept_infos(svc) -> list[ConceptInfo]:
+    """Readout concepts with the manifest's metadata (computed once per server)."""
+    if "concept_infos" in svc.extras:
+        return svc.extras["concept_infos"]
     from corpus import load_manifest
 
     meta = load_manifest().by_id
@@ -25,6 +28,7 @@ def concept_infos(svc) -> list[ConceptInfo]:
         e = meta.get(c)
         out.append(ConceptInfo(concept=c, name=e.name if e else c, family=fam, valence=e.valence if e else 0.0,
                                arousal=e.arousal if e else 0.0, note=e.note if e else ""))
+    svc.extras["concept_infos"] = out
     return out
 
 

@@ -17,6 +17,7 @@ meant in training: the mean state over a stretch of text, not one token's noise.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from .activations import Pooling, multi_pooled_activations, token_activations
 
 if TYPE_CHECKING:
     from .model import LoadedModel
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "readout.safetensors"
@@ -219,6 +222,9 @@ class ReadoutManager:
             bad = [i for i in manifest.layers if not 0 <= i < model.n_layers]
             if bad:
                 raise ReadoutError(f"{directory}: readout layers {bad} do not exist in {model.name} ({model.n_layers} layers)")
+            if manifest.model.name != model.name:
+                log.warning("%s was trained on %s, now used with %s; retrain with `amygdala vectors train` if they differ",
+                            directory, manifest.model.name, model.name)
         return cls(manifest, layers, lm=model, max_tokens=max_tokens, truncation=truncation)
 
     # -- scoring -----------------------------------------------------------------------------
@@ -351,6 +357,14 @@ def _check_consistent(manifest: ReadoutManifest, layers: dict[int, LayerReadout]
 
 
 def readout_dir(readouts_root: Path, lm: "LoadedModel") -> Path:
-    """Where the readout for this model lives by default: one directory per model."""
+    """Where the readout for this model lives by default: one directory per model.
+
+    Local models get a hash of their resolved path in the name, so two different `model/`
+    directories never share (and silently misuse) one readout.
+    """
+    import hashlib
+
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in lm.name.split(" ")[0])
+    if lm.path is not None and "(embedded)" not in lm.name:
+        safe += "-" + hashlib.sha256(str(Path(lm.path).resolve()).encode()).hexdigest()[:8]
     return readouts_root / safe

@@ -25,7 +25,7 @@ DEFAULT_CONCEPTS = "joyful,furious,terrified,melancholy,calm,piqued"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--concepts", default=DEFAULT_CONCEPTS)
-    ap.add_argument("--alphas", default="0.015,0.03,0.045")
+    ap.add_argument("--alphas", default="0.015,0.02,0.03,0.045")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--layers", default=None, help="e.g. 6-9 (default: the readout's default layers)")

@@ -25,7 +25,7 @@ def serve(
     """Serve the MCP tools (read_emotions, test_steering, submit_correction, list_concepts, train_status)."""
     from .http_app import InsecureBind, check_bind
     from .mcp_server import build_mcp
-    from .services import open_services
+    from .services import start_services
 
     if transport not in ("http", "stdio"):
         echo_err(f"error: --transport must be 'http' or 'stdio', got {transport!r}")
@@ -40,7 +40,7 @@ def serve(
     from engine.model import ModelError
 
     try:
-        services = open_services(cfg, train=train, readout_path=readout, echo=echo_err, sync_delay_s=sync_delay)
+        services = start_services(cfg, train=train, readout_path=readout, echo=echo_err, sync_delay_s=sync_delay)
     except (ModelError, ValueError) as exc:
         echo_err(f"error: {exc}")
         raise typer.Exit(2) from None

@@ -32,11 +32,16 @@ class Services:
     trainer: Any | None = None  # training.client.TrainingClient (None: training disabled)
     scheduler: Any | None = None  # apscheduler BackgroundScheduler shared by sync and (later) the dream loop
     sync: Any | None = None  # training.sync_schedule.SyncScheduler
+    engine: Any | None = None  # server.engine_thread.EngineThread running all model work (None: worker threads)
     extras: dict[str, Any] = field(default_factory=dict)  # slots for later modules (dream loop, certificates)
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
-    def on_close(self, fn: Callable[[], None]) -> None:
-        self._closers.append(fn)
+    def on_close(self, fn: Callable[[], None], *, last: bool = False) -> None:
+        """Register a shutdown step; steps run newest first, `last=True` ones after all others."""
+        if last:
+            self._closers.insert(0, fn)
+        else:
+            self._closers.append(fn)
 
     def close(self) -> None:
         """Clean shutdown, newest first: final checkpoint sync, worker stop, scheduler stop, graph close."""
@@ -46,6 +51,21 @@ class Services:
                 fn()
             except Exception:  # shutdown must go on
                 log.exception("error during shutdown")
+
+
+def start_services(config: Config, **kwargs: Any) -> Services:
+    """open_services on a dedicated engine thread that then runs every forward (see engine_thread)."""
+    from .engine_thread import EngineThread
+
+    engine = EngineThread()
+    try:
+        services = engine.run(open_services, config, **kwargs)
+    except BaseException:
+        engine.close()
+        raise
+    services.engine = engine
+    services.on_close(engine.close, last=True)
+    return services
 
 
 def open_services(config: Config, *, train: bool = True, limits: ServerLimits | None = None,

@@ -41,7 +41,14 @@ def tool_errors() -> Iterator[None]:
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking model work off the event loop, so one slow call never stalls the others."""
+    """Run blocking work off the event loop, so one slow call never stalls the others."""
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+async def on_engine(svc: Services, fn: Callable[..., T], *args: Any) -> T:
+    """Run model work on the server's engine thread (one warm OpenMP team), or a worker thread."""
+    if svc.engine is not None:
+        return await svc.engine.arun(fn, *args)
     return await anyio.to_thread.run_sync(fn, *args)
 
 

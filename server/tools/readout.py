@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..models import ConceptInfo, ConceptScore, ListConceptsResult, ReadEmotionsResult, TokenReadout
 from ..services import Services
-from .common import in_thread, services, tool_errors
+from .common import on_engine, services, tool_errors
 
 
 def concept_infos(svc) -> list[ConceptInfo]:
@@ -68,7 +68,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
                                                          for c, v in r.top(row, 3)]) for t, row in zip(toks, per)]
                 return ids, scores, tokens
 
-            ids, scores, tokens = await in_thread(work)
+            ids, scores, tokens = await on_engine(svc, work)
         return ReadEmotionsResult(
             top=[ConceptScore(concept=c, family=r.family_of(c), score=round(v, 4)) for c, v in r.top(scores, top_k)],
             layers=chosen, layer_depths=[svc.lm.describe_layer(i) for i in chosen], tokens=len(ids), per_token=tokens)

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..models import SteeringSide, TestSteeringResult
 from ..services import Services
-from .common import in_thread, progress_reporter, services, tool_errors
+from .common import on_engine, progress_reporter, services, tool_errors
 
 MAX_ABS_ALPHA = 1.0
 
@@ -63,7 +63,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
 
             build_plan(r, concepts, layers, positions)  # validate names and layers before any generation
             report = progress_reporter(ctx)
-            res = await in_thread(lambda: compare(svc.lm, r, prompt, concepts, layers, positions, max_new_tokens, seed,
+            res = await on_engine(svc, lambda: compare(svc.lm, r, prompt, concepts, layers, positions, max_new_tokens, seed,
                                                   temperature, progress=report))
         return TestSteeringResult(prompt=res.prompt, concepts=res.concepts, layers=res.layers, positions=res.positions,
                                   seed=res.seed, baseline=SteeringSide(**res.baseline.model_dump()),

@@ -132,3 +132,27 @@ def test_submit_correction_durable_and_idempotent(svc):
 def test_train_status_without_worker(svc):
     out = call(svc, "train_status", {}).structured_content
     assert out["enabled"] is False and "disabled" in out["message"] and out["worker"] is None
+
+
+def test_steering_reports_progress_from_the_engine_thread(svc):
+    """Model work runs on the engine thread; progress still reaches the client."""
+    from server.engine_thread import EngineThread
+
+    svc.engine = EngineThread()
+    seen = []
+
+    async def progress(done, total, message):
+        seen.append((done, total, message))
+
+    async def go():
+        async with Client(build_mcp(svc)) as c:
+            return await c.call_tool("test_steering", {"prompt": "The evening", "concepts": {"cozy": 0.5}, "max_new_tokens": 4},
+                                     progress_callback=progress)
+
+    try:
+        r = anyio.run(go)
+    finally:
+        svc.engine.close()
+    assert not r.is_error, r.content
+    assert [s[0] for s in seen] == [0, 1, 2] and all(s[1] == 2 for s in seen), seen
+    assert "baseline" in seen[0][2]

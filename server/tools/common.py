@@ -53,12 +53,17 @@ async def on_engine(svc: Services, fn: Callable[..., T], *args: Any) -> T:
 
 
 def progress_reporter(ctx: Context) -> Callable[[float, float, str], None]:
-    """A thread-safe progress callback for work running in a worker thread."""
+    """A progress callback that work on another thread (the engine thread) can call.
+
+    Call it from the tool's coroutine (it captures the running event loop); the callback schedules
+    ctx.report_progress on that loop and does not wait for it.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
 
     def report(done: float, total: float, message: str) -> None:
-        try:
-            anyio.from_thread.run(ctx.report_progress, done, total, message)
-        except Exception:  # progress is best-effort: a client without a token or a closed stream
-            pass
+        fut = asyncio.run_coroutine_threadsafe(ctx.report_progress(done, total, message), loop)
+        fut.add_done_callback(lambda f: f.exception())  # best-effort: a client without a progress token
 
     return report

@@ -24,8 +24,10 @@ class Pooling:
     """How a sequence of residuals becomes one vector.
 
     `last`: the last non-pad token. `mean`: the mean over tokens from position `start` on
-    (counted from the first real token, BOS included). Texts shorter than start+1 tokens fall
-    back to their last token, so no text ever pools to nothing.
+    (counted from the first real token, BOS included). A text of n tokens with n <= 2 * start
+    starts at n // 2 instead, i.e. the mean of its second half: short texts (an agent's one-
+    line reply) then pool over several tokens rather than one, and skip BOS, whose residual is an
+    outlier. Training texts (stories of ~150 tokens) are unaffected.
     """
 
     kind: Literal["last", "mean"] = "last"
@@ -60,7 +62,7 @@ def pool(residual: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling)
     if pooling.kind == "last":
         sel = mask & (rank == length - 1)
     else:
-        start = torch.minimum(torch.full_like(length, pooling.start), length - 1)
+        start = torch.minimum(torch.full_like(length, pooling.start), length // 2)
         sel = mask & (rank >= start)
     w = sel.to(residual.dtype).unsqueeze(-1)
     return (residual * w).sum(dim=1) / w.sum(dim=1)

@@ -268,12 +268,10 @@ class ReadoutManager:
         p = self.pooling
         if p.kind == "last":
             return residuals
-        w = self.manifest.window
+        n = torch.arange(1, residuals.shape[0] + 1)  # tokens so far
+        start = window_start(n, p.start, self.manifest.window)
         csum = torch.cumsum(torch.cat([torch.zeros(1, residuals.shape[1]), residuals]), 0)
-        t = torch.arange(1, residuals.shape[0] + 1)
-        start = torch.clamp(torch.maximum(t - w, torch.full_like(t, p.start)), max=residuals.shape[0] - 1)
-        start = torch.minimum(start, t - 1)  # at least the current token
-        return (csum[t] - csum[start]) / (t - start).unsqueeze(1).float()
+        return (csum[n] - csum[start]) / (n - start).unsqueeze(1).float()
 
     def top(self, scores: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
         k = max(1, min(k, len(self.concepts)))
@@ -282,6 +280,17 @@ class ReadoutManager:
 
     def decode_reader(self, layers: list[int] | None = None) -> "DecodeReader":
         return DecodeReader(self, self.check_layers(layers))
+
+
+def window_start(n: torch.Tensor | int, start: int, window: int) -> torch.Tensor | int:
+    """First token index pooled when reading the first n tokens during decoding.
+
+    The pooling start of training (short texts: their second half, see Pooling), and at most the
+    last `window` tokens.
+    """
+    if isinstance(n, int):
+        return max(min(start, n // 2), n - window)
+    return torch.maximum(torch.minimum(torch.full_like(n, start), n // 2), n - window)
 
 
 class DecodeReader:
@@ -298,35 +307,31 @@ class DecodeReader:
         self.manager = manager
         self.layers = layers
         p = manager.pooling
-        self._start = p.start if p.kind == "mean" else 0
-        self._keep = manager.manifest.window if p.kind == "mean" else 1
-        self._seen = 0
-        self._buf = {i: deque() for i in layers}
+        self._start = p.start if p.kind == "mean" else None  # None: last-token pooling
+        self._window = manager.manifest.window
+        self._n = 0  # tokens seen
+        self._buf: dict[int, deque] = {i: deque() for i in layers}  # (position, residual) in the window
         self._sum: dict[int, torch.Tensor] = {}
-        self._last: dict[int, torch.Tensor] = {}
         self.scores: list[torch.Tensor] = []  # one (C,) per generated token
 
-    def _push(self, i: int, rows: torch.Tensor) -> None:
+    def _advance(self, i: int, rows: torch.Tensor) -> None:
         buf = self._buf[i]
         for k in range(rows.shape[0]):
-            if self._seen + k < self._start:
-                continue
-            row = rows[k]
-            buf.append(row)
-            self._sum[i] = row.clone() if i not in self._sum else self._sum[i] + row
-            if len(buf) > self._keep:
-                self._sum[i] = self._sum[i] - buf.popleft()
-        self._last[i] = rows[-1]
+            pos = self._n + k
+            buf.append((pos, rows[k]))
+            self._sum[i] = rows[k].clone() if i not in self._sum else self._sum[i] + rows[k]
+            first = pos if self._start is None else window_start(pos + 1, self._start, self._window)
+            while buf[0][0] < first:
+                self._sum[i] = self._sum[i] - buf.popleft()[1]
 
     def current(self, i: int) -> torch.Tensor:
-        """The pooled residual of the text so far (the last token while shorter than the pooling start)."""
-        buf = self._buf[i]
-        return self._sum[i] / len(buf) if buf else self._last[i]
+        """The pooled residual of the text so far, exactly as `ReadoutManager.windowed` pools it."""
+        return self._sum[i] / len(self._buf[i])
 
     def __call__(self, phase: str, residuals: dict[int, torch.Tensor]) -> None:
         for i in self.layers:
-            self._push(i, residuals[i])
-        self._seen += next(iter(residuals.values())).shape[0]
+            self._advance(i, residuals[i])
+        self._n += next(iter(residuals.values())).shape[0]
         if phase == "generate":
             per_layer = [self.manager.layers[i].scores(self.current(i)) for i in self.layers]
             self.scores.append(torch.stack(per_layer).mean(0))

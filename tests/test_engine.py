@@ -47,9 +47,13 @@ def test_padded_batch_equals_single_runs(tiny_lm, side, pooling):
 def test_pool_mean_from_k_and_short_fallback():
     r = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])  # second row left-padded, 2 real tokens
-    out = pool(r, mask, Pooling("mean", 3))
-    assert out[0, 0] == pytest.approx((3 + 4) / 2)
-    assert out[1, 0] == pytest.approx(9.0)  # shorter than k+1: falls back to the last real token
+    out = pool(r, mask, Pooling("mean", 2))
+    assert out[0, 0] == pytest.approx((2 + 3 + 4) / 3)  # 5 tokens: from token 2 on
+    assert out[1, 0] == pytest.approx(9.0)  # 2 tokens <= 2k: its second half, i.e. the last token
+    long = pool(torch.arange(12, dtype=torch.float32).reshape(1, 12, 1), torch.ones(1, 12, dtype=torch.long), Pooling("mean", 3))
+    assert long[0, 0] == pytest.approx(sum(range(3, 12)) / 9)
+    short = pool(torch.arange(5, dtype=torch.float32).reshape(1, 5, 1), torch.ones(1, 5, dtype=torch.long), Pooling("mean", 3))
+    assert short[0, 0] == pytest.approx((2 + 3 + 4) / 3)  # 5 tokens <= 2k: from 5 // 2 = 2
     assert pool(r, mask, Pooling("last"))[:, 0].tolist() == [4.0, 9.0]
 
 

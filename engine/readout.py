@@ -13,6 +13,12 @@ The readout's headline score is the mean of z over the default layers (chosen by
 At decode time a mean-pooled readout reads a running window of the most recent `window` token
 residuals (default 64, about half a corpus story), so a score during generation means what it
 meant in training: the mean state over a stretch of text, not one token's noise.
+
+Length calibration: a mean over 8 tokens varies far more than a mean over a 140-token story, so
+with one set of statistics a one-line text would score 12 where a paragraph scores 5. Readouts
+built by amygdala also store the statistics for means over m = 4, 8, 16, 32, 64 tokens (measured
+on corpus prefixes) next to the full-text ones, and `score_mean`/`score_std` are interpolated in
+log(m) for the number of tokens actually pooled.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ FORMAT_VERSION = 1
 TENSORS_FILE = "readout.safetensors"
 MANIFEST_FILE = "readout.json"
 PER_LAYER = ("vectors", "directions", "center", "scale", "score_mean", "score_std", "residual_norm")
+CALIBRATION = ("calib_tokens", "calib_mean", "calib_std")  # optional: length-calibrated statistics
 DEFAULT_WINDOW = 64
 
 
@@ -82,11 +89,34 @@ class LayerReadout:
     score_mean: torch.Tensor  # (C,)
     score_std: torch.Tensor  # (C,)
     residual_norm: torch.Tensor  # () typical token residual norm at this layer
+    calib_tokens: torch.Tensor | None = None  # (K,) ascending pooled-token counts, last = full texts
+    calib_mean: torch.Tensor | None = None  # (K, C) score mean when that many tokens are pooled
+    calib_std: torch.Tensor | None = None  # (K, C)
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., H) pooled residuals -> (..., C) z-scores."""
-        u = (x.float() - self.center) / self.scale
-        return (u @ self.vectors.T - self.score_mean) / self.score_std
+    def scores_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) pooled residuals -> (..., C) projections before normalisation (s in the formula)."""
+        return ((x.float() - self.center) / self.scale) @ self.vectors.T
+
+    def scores(self, x: torch.Tensor, pooled_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
+        """(..., H) pooled residuals -> (..., C) z-scores; pooled_tokens selects length-calibrated stats."""
+        s = self.scores_raw(x)
+        if pooled_tokens is None or self.calib_tokens is None:
+            return (s - self.score_mean) / self.score_std
+        mean, std = self.stats_at(pooled_tokens, s.shape[:-1])
+        return (s - mean) / std
+
+    def stats_at(self, pooled_tokens: torch.Tensor | int, batch_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score mean and std interpolated in log(pooled tokens) between the calibration knots."""
+        knots = torch.log(self.calib_tokens.float())
+        m = torch.as_tensor(pooled_tokens, dtype=torch.float32).expand(batch_shape) if batch_shape else \
+            torch.as_tensor(pooled_tokens, dtype=torch.float32)
+        lm = torch.log(m.clamp(min=1.0)).clamp(float(knots[0]), float(knots[-1]))
+        hi = torch.searchsorted(knots, lm.contiguous()).clamp(1, len(knots) - 1)
+        lo = hi - 1
+        w = ((lm - knots[lo]) / (knots[hi] - knots[lo])).unsqueeze(-1)
+        mean = self.calib_mean[lo] * (1 - w) + self.calib_mean[hi] * w
+        std = self.calib_std[lo] * (1 - w) + self.calib_std[hi] * w
+        return mean, std
 
 
 @dataclass
@@ -156,8 +186,10 @@ class ReadoutManager:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, lr in self.layers.items():
-            for name in PER_LAYER:
-                tensors[f"layer_{i}.{name}"] = getattr(lr, name).detach().to(torch.float32).contiguous()
+            for name in PER_LAYER + CALIBRATION:
+                t = getattr(lr, name)
+                if t is not None:
+                    tensors[f"layer_{i}.{name}"] = t.detach().to(torch.float32).contiguous()
         tmp = directory / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "amygdala-readout", "version": str(FORMAT_VERSION)})
         with tmp.open("rb+") as fh:
@@ -203,6 +235,11 @@ class ReadoutManager:
                     if missing:
                         raise ReadoutError(f"{tpath}: missing tensors {missing} for layer {i} listed in {MANIFEST_FILE}")
                     parts = {n: fh.get_tensor(f"layer_{i}.{n}") for n in PER_LAYER}
+                    calib = [f"layer_{i}.{n}" in keys for n in CALIBRATION]
+                    if any(calib) and not all(calib):
+                        raise ReadoutError(f"{tpath}: layer {i} has only part of the length calibration {CALIBRATION}")
+                    if all(calib):
+                        parts.update({n: fh.get_tensor(f"layer_{i}.{n}") for n in CALIBRATION})
                     for n, t in parts.items():
                         if t.dtype != torch.float32:
                             raise ReadoutError(f"{tpath}: layer_{i}.{n} is {t.dtype}, manifest says float32")
@@ -238,9 +275,20 @@ class ReadoutManager:
 
         return encode(self._need_lm().tokenizer, text, self.max_tokens, self.truncation)  # type: ignore[arg-type]
 
-    def score_pooled(self, pooled: dict[int, torch.Tensor], layers: list[int]) -> list[TextScores]:
-        """Scores from pooled residuals {layer: (N, H)}."""
-        per_layer = {i: self.layers[i].scores(pooled[i]) for i in layers}
+    def pooled_tokens(self, n_tokens: torch.Tensor | int) -> torch.Tensor | int:
+        """How many token residuals the pooling averages for a text of n tokens (read, not decode)."""
+        p = self.pooling
+        if p.kind == "last":
+            return 1 if isinstance(n_tokens, int) else torch.ones_like(n_tokens)
+        if isinstance(n_tokens, int):
+            return n_tokens - min(p.start, n_tokens // 2)
+        return n_tokens - torch.minimum(torch.full_like(n_tokens, p.start), n_tokens // 2)
+
+    def score_pooled(self, pooled: dict[int, torch.Tensor], layers: list[int],
+                     n_tokens: torch.Tensor | None = None) -> list[TextScores]:
+        """Scores from pooled residuals {layer: (N, H)}; n_tokens (N,) enables length calibration."""
+        m = None if n_tokens is None else self.pooled_tokens(n_tokens)
+        per_layer = {i: self.layers[i].scores(pooled[i], m) for i in layers}
         combined = torch.stack([per_layer[i] for i in layers]).mean(0)
         n = combined.shape[0]
         return [TextScores({i: per_layer[i][k] for i in layers}, combined[k]) for k in range(n)]
@@ -251,7 +299,7 @@ class ReadoutManager:
         layers = self.check_layers(layers)
         seqs = [self.encode(t) for t in texts]
         res = multi_pooled_activations(lm, seqs, layers, [self.pooling], progress=progress)
-        return self.score_pooled(res.pooled[self.pooling], layers)
+        return self.score_pooled(res.pooled[self.pooling], layers, torch.tensor([len(q) for q in seqs]))
 
     def read_tokens(self, text: str, layers: list[int] | None = None) -> tuple[list[str], torch.Tensor]:
         """(token strings, (T, C) scores) where row t is the readout of the text up to token t."""
@@ -259,9 +307,14 @@ class ReadoutManager:
         layers = self.check_layers(layers)
         seq = self.encode(text)
         acts = token_activations(lm, seq, layers)
-        per_layer = [self.layers[i].scores(self.windowed(acts[i])) for i in layers]
         tokens = [lm.tokenizer.decode([t]) for t in seq]
-        return tokens, torch.stack(per_layer).mean(0)
+        return tokens, self.score_windowed(acts, layers)
+
+    def score_windowed(self, acts: dict[int, torch.Tensor], layers: list[int]) -> torch.Tensor:
+        """(T, C) scores of each prefix from per-token residuals {layer: (T, H)}, as decoding sees them."""
+        n = torch.arange(1, next(iter(acts.values())).shape[0] + 1)
+        m = torch.ones_like(n) if self.pooling.kind == "last" else n - window_start(n, self.pooling.start, self.manifest.window)
+        return torch.stack([self.layers[i].scores(self.windowed(acts[i]), m) for i in layers]).mean(0)
 
     def windowed(self, residuals: torch.Tensor) -> torch.Tensor:
         """(T, H) token residuals -> (T, H) pooled-as-in-training residuals ending at each token."""
@@ -333,7 +386,7 @@ class DecodeReader:
             self._advance(i, residuals[i])
         self._n += next(iter(residuals.values())).shape[0]
         if phase == "generate":
-            per_layer = [self.manager.layers[i].scores(self.current(i)) for i in self.layers]
+            per_layer = [self.manager.layers[i].scores(self.current(i), len(self._buf[i])) for i in self.layers]
             self.scores.append(torch.stack(per_layer).mean(0))
 
 
@@ -359,6 +412,14 @@ def _check_consistent(manifest: ReadoutManifest, layers: dict[int, LayerReadout]
                 raise ReadoutError(f"{where}: layer_{i}.{name} contains NaN or inf; retrain the readout")
         if (lr.score_std <= 0).any() or (lr.scale <= 0).any():
             raise ReadoutError(f"{where}: layer_{i} has non-positive scale or score_std")
+        if lr.calib_tokens is not None:
+            k = lr.calib_tokens.shape[0] if lr.calib_tokens.ndim == 1 else -1
+            if k < 2 or tuple(lr.calib_mean.shape) != (k, c) or tuple(lr.calib_std.shape) != (k, c):
+                raise ReadoutError(f"{where}: layer_{i} length calibration has inconsistent shapes")
+            if not (torch.isfinite(lr.calib_mean).all() and torch.isfinite(lr.calib_std).all()) or (lr.calib_std <= 0).any():
+                raise ReadoutError(f"{where}: layer_{i} length calibration contains NaN, inf or non-positive std")
+            if not (lr.calib_tokens[1:] > lr.calib_tokens[:-1]).all() or lr.calib_tokens[0] < 1:
+                raise ReadoutError(f"{where}: layer_{i} calib_tokens must be ascending counts >= 1")
 
 
 def readout_dir(readouts_root: Path, lm: "LoadedModel") -> Path:

@@ -283,7 +283,7 @@ def test_decode_reader_matches_read_tokens(built, tiny_lm):
     from engine.activations import token_activations
 
     acts = token_activations(tiny_lm, prompt + g.token_ids, layers)
-    expected = torch.stack([r.layers[i].scores(r.windowed(acts[i])) for i in layers]).mean(0)
+    expected = r.score_windowed(acts, layers)
     got = torch.stack(reader.scores)
     assert got.shape == (len(g.token_ids), len(r.concepts))
     assert torch.allclose(got, expected[len(prompt):], atol=1e-3)
@@ -302,3 +302,38 @@ def test_activation_cache_reused_only_for_same_texts(tiny_lm, tmp_path):
     assert changed.forwards > 0
     (cache / next(p.name for p in cache.iterdir())).write_bytes(b"garbage")
     assert collect(tiny_lm, load_corpus(root), [1, 2], [Pooling("last")], progress=False, cache_dir=cache).forwards >= 0
+
+
+def test_length_calibration(built, tiny_lm, tmp_path):
+    res, _, out = built
+    r = ReadoutManager.from_file(out, model=tiny_lm)
+    lr = r.layers[r.default_layers[0]]
+    assert lr.calib_tokens is not None and lr.calib_tokens[0] == 4 and (lr.calib_tokens[1:] > lr.calib_tokens[:-1]).all()
+    assert torch.equal(lr.calib_mean[-1], lr.score_mean) and torch.equal(lr.calib_std[-1], lr.score_std)
+    x = torch.randn(3, tiny_lm.hidden_size)
+    # at a knot the stats are that knot's row; beyond the ends they clamp
+    k = 1
+    m = int(lr.calib_tokens[k])
+    expect = (lr.scores_raw(x) - lr.calib_mean[k]) / lr.calib_std[k]
+    assert torch.allclose(lr.scores(x, m), expect, atol=1e-5)
+    assert torch.allclose(lr.scores(x, 10_000), lr.scores(x), atol=1e-5)
+    assert torch.allclose(lr.scores(x, 1), (lr.scores_raw(x) - lr.calib_mean[0]) / lr.calib_std[0], atol=1e-5)
+    # between knots: a convex combination of the neighbours' statistics
+    mid = float((lr.calib_tokens[0] * lr.calib_tokens[1]).sqrt())
+    mean, std = lr.stats_at(mid, torch.Size([]))
+    assert torch.allclose(mean, (lr.calib_mean[0] + lr.calib_mean[1]) / 2, atol=1e-4)
+    # read() uses the calibration for the tokens it pooled
+    text = "a warm blanket"
+    ids = r.encode(text)
+    acts = r.read([text])[0].combined
+    from engine.activations import pooled_activations
+
+    pooled = pooled_activations(tiny_lm, [ids], r.default_layers, r.pooling)
+    m = r.pooled_tokens(len(ids))
+    manual = torch.stack([r.layers[i].scores(pooled[i][0], m) for i in r.default_layers]).mean(0)
+    assert torch.allclose(acts, manual, atol=1e-5)
+    # a file with only part of the calibration is refused
+    d = _copy(out, tmp_path)
+    _rewrite(d, mutate_tensors=lambda t: t.pop(f"layer_{r.default_layers[0]}.calib_std"))
+    with pytest.raises(ReadoutError, match="part of the length calibration"):
+        ReadoutManager.from_file(d, model=tiny_lm)

@@ -18,6 +18,7 @@ from corpus import Corpus
 from engine.model import LoadedModel
 from engine.readout import ReadoutManager
 
+from .length_calibration import calibrate_lengths
 from .readout_validation import DEFAULT_GRID, ValidationReport, options_from_label, validate, write_plots
 from .steering_vectors import CorpusActivations, FitOptions, check_corpus_size, collect, fit_readout, model_ref
 
@@ -37,7 +38,7 @@ class BuildResult:
 def build_readout(lm: LoadedModel, corpus: Corpus, out_dir: Path, layers: list[int] | None = None,
                   grid: tuple[FitOptions, ...] = DEFAULT_GRID, fixed: FitOptions | None = None,
                   default_layers: list[int] | None = None, min_positives: int = 2, plots: bool = True,
-                  echo: Callable[[str], None] = print, cache_dir: Path | None = None) -> BuildResult:
+                  echo: Callable[[str], None] = print, cache_dir: Path | None = None, progress: bool = True) -> BuildResult:
     """Validate settings on held-out stories, then fit on the full corpus and write the readout."""
     t0 = time.perf_counter()
     check_corpus_size(corpus, min_positives)
@@ -67,6 +68,7 @@ def build_readout(lm: LoadedModel, corpus: Corpus, out_dir: Path, layers: list[i
     if report is not None:
         readout.manifest.validation = report.summary()
     readout.lm = lm
+    calibrate_lengths(lm, readout, ca.texts, progress=progress)
     readout.save(out_dir)
     paths: list[Path] = []
     if report is not None:

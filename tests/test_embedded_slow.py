@@ -78,3 +78,19 @@ def test_steering_moves_the_reread_score(embedded_lm, subset_readout):
     with torch.no_grad():
         b = embedded_lm.model(torch.tensor([ids])).logits
     assert torch.equal(a, b)
+
+
+def test_short_texts_are_not_inflated(subset_readout):
+    """Length calibration: a one-line text scores on the same scale as a paragraph."""
+    from engine.activations import pooled_activations
+
+    _, r = subset_readout
+    short = ["I read it twice.", "The door opened.", "We finally won!", "Nothing changed today.", "She smiled at me."]
+    ids = [r.encode(t) for t in short]
+    pooled = pooled_activations(r.lm, ids, r.default_layers, r.pooling)
+    calibrated, naive = [], []
+    for k, seq in enumerate(ids):
+        m = r.pooled_tokens(len(seq))
+        calibrated.append(float(torch.stack([r.layers[i].scores(pooled[i][k], m) for i in r.default_layers]).mean(0).abs().max()))
+        naive.append(float(torch.stack([r.layers[i].scores(pooled[i][k]) for i in r.default_layers]).mean(0).abs().max()))
+    assert sum(calibrated) / 5 < 0.8 * sum(naive) / 5, (calibrated, naive)

@@ -27,6 +27,10 @@ class EngineThread:
         """Run on the engine thread and wait (from synchronous code)."""
         return self._ex.submit(fn, *args, **kwargs).result()
 
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Any:
+        """Queue work on the engine thread without waiting (a Future)."""
+        return self._ex.submit(fn, *args, **kwargs)
+
     async def arun(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run on the engine thread without blocking the event loop."""
         return await asyncio.wrap_future(self._ex.submit(fn, *args, **kwargs))

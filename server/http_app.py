@@ -119,7 +119,9 @@ def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1",
 
     async def health(_: Request) -> JSONResponse:
         st = services.trainer.status() if services.trainer is not None else None
-        return JSONResponse({"status": "ok", "model": services.lm.name, "concepts": len(services.readout.concepts),
+        concepts = len(services.readout.concepts) if services.readout_ready else None
+        return JSONResponse({"status": "ok", "model": services.lm.name, "readout_ready": services.readout_ready,
+                             "concepts": concepts,
                              "training": None if st is None else {"worker_alive": st.worker_alive, "queue": len(st.queue)}})
 
     routes.append(Route("/health", health, methods=["GET"]))

@@ -47,7 +47,8 @@ def serve(
     mcp = build_mcp(services)
     try:
         if transport == "stdio":
-            echo_err(f"amygdala: serving {services.lm.name} over stdio ({len(services.readout.concepts)} concepts)")
+            echo_err(f"amygdala: serving {services.lm.name} over stdio"
+                     + ("" if services.readout_ready else " (emotion readout still being built)"))
             mcp.run()
         else:
             import uvicorn

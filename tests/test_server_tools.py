@@ -156,3 +156,52 @@ def test_steering_reports_progress_from_the_engine_thread(svc):
     assert not r.is_error, r.content
     assert [s[0] for s in seen] == [0, 1, 2] and all(s[1] == 2 for s in seen), seen
     assert "baseline" in seen[0][2]
+
+
+def test_tools_while_the_readout_is_still_being_built(svc):
+    """First start: the server answers at once; readout tools say 'being built, retry', corrections work."""
+    import time as _time
+
+    ready = svc.readout_manager
+    svc.readout_manager = None
+    svc._readout_started = _time.monotonic()
+    try:
+        r = call(svc, "read_emotions", {"text": "hello there"})
+        assert r.is_error and "being built for the first time" in r.content[0].text
+        r = call(svc, "test_steering", {"prompt": "x", "concepts": {"cozy": 0.5}})
+        assert r.is_error and "retry" in r.content[0].text
+        assert call(svc, "list_concepts", {}).is_error
+        ok = call(svc, "submit_correction", {"context": "c", "preferred": "p"})
+        assert not ok.is_error
+        assert not call(svc, "train_status", {}).is_error
+
+        async def res():
+            async with Client(build_mcp(svc)) as c:
+                return await c.read_resource("amygdala://concepts")
+
+        assert json.loads(anyio.run(res).contents[0].text)["status"] == "building"
+    finally:
+        svc.readout_manager = ready
+    assert not call(svc, "read_emotions", {"text": "hello there"}).is_error
+
+
+def test_start_services_builds_a_missing_readout_in_the_background(tmp_path, tiny_model_dir):
+    import time as _time
+
+    from engine.config import Config
+    from server.services import start_services
+    from tests.corpus_fixture import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg = Config(home=tmp_path / "home", model=str(tiny_model_dir))
+    svc = start_services(cfg, echo=lambda m: None, corpus_root=corpus, train=False)
+    try:
+        deadline = _time.time() + 300
+        while not svc.readout_ready and _time.time() < deadline:
+            _time.sleep(0.2)
+        assert svc.readout_ready, svc._readout_error
+        assert len(svc.readout.concepts) == 6
+        r = call(svc, "read_emotions", {"text": "a warm blanket"})
+        assert not r.is_error, r.content
+    finally:
+        svc.close()

@@ -30,11 +30,13 @@ def tool_errors() -> Iterator[None]:
     from engine.steering import SteeringError
     from engine.tokens import TextError
 
+    from ..services import ReadoutNotReady
+
     try:
         yield
     except ToolError:
         raise
-    except (TextError, SteeringError, ReadoutError, ValueError) as exc:
+    except (TextError, SteeringError, ReadoutError, ReadoutNotReady, ValueError) as exc:
         raise ToolError(str(exc)) from exc
     except KeyError as exc:
         raise ToolError(str(exc.args[0]) if exc.args else str(exc)) from exc

@@ -54,8 +54,8 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
             raise ToolError(f"text is {len(text)} characters, over the limit of {lim.max_text_chars}; read the last part "
                             "(the most recent turns) or split it into several calls")
         top_k = min(top_k, lim.max_top_k)
-        r = svc.readout
         with tool_errors():
+            r = svc.readout
             chosen = r.check_layers(layers)
 
             def work():
@@ -80,7 +80,8 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
     ) -> ListConceptsResult:
         """The emotion concepts the readout and steering know, with family, valence, arousal and notes."""
         svc = services(ctx)
-        infos = concept_infos(svc)
+        with tool_errors():
+            infos = concept_infos(svc)
         families = sorted({i.family for i in infos})
         if family is not None:
             if family not in families:
@@ -92,10 +93,24 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
                   description="readout.json: concepts, layers, pooling, default layers, validation summary.",
                   mime_type="application/json")
     def readout_manifest() -> str:
+        if not svc_static.readout_ready:
+            return json.dumps({"status": "building", "message": _not_ready(svc_static)})
         return svc_static.readout.manifest.model_dump_json(indent=2)
 
     @mcp.resource("amygdala://concepts", name="concepts", title="Concepts with families",
                   description="Every concept with its family, valence, arousal and confusion notes.",
                   mime_type="application/json")
     def concepts_resource() -> str:
+        if not svc_static.readout_ready:
+            return json.dumps({"status": "building", "message": _not_ready(svc_static)})
         return json.dumps([i.model_dump() for i in concept_infos(svc_static)], indent=2)
+
+
+def _not_ready(svc: Services) -> str:
+    from ..services import ReadoutNotReady
+
+    try:
+        svc.readout
+    except ReadoutNotReady as exc:
+        return str(exc)
+    return "ready"

@@ -53,8 +53,8 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
             raise ToolError(f"max_new_tokens {max_new_tokens} is over the limit of {lim.max_new_tokens}")
         if len(prompt) > lim.max_text_chars:
             raise ToolError(f"prompt is {len(prompt)} characters, over the limit of {lim.max_text_chars}")
-        r = svc.readout
         with tool_errors():
+            r = svc.readout
             n = len(svc.lm.tokenizer(prompt)["input_ids"])
             if n > lim.max_prompt_tokens:
                 raise ToolError(f"prompt is {n} tokens, over the limit of {lim.max_prompt_tokens}; shorten it")

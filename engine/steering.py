@@ -71,7 +71,7 @@ def parse_concept_alphas(specs: list[str]) -> dict[str, float]:
     for s in specs:
         name, sep, value = s.partition("=")
         if not sep or not name.strip():
-            raise SteeringError(f"concept spec {s!r} must look like NAME=ALPHA, e.g. joyful=0.3")
+            raise SteeringError(f"concept spec {s!r} must look like NAME=ALPHA, e.g. joyful=0.03")
         try:
             out[name.strip()] = out.get(name.strip(), 0.0) + float(value)
         except ValueError:

@@ -30,6 +30,6 @@ def tiny_services(lm, root: Path, readout_dir: Path, **limits):
     cfg = Config(home=root / "home")
     readout = ReadoutManager.from_file(readout_dir, model=lm, max_tokens=limits.get("max_text_tokens", 2048))
     graph = MemoryGraph(cfg.memory_dir)
-    svc = Services(config=cfg, lm=lm, readout=readout, graph=graph, limits=ServerLimits(**limits))
+    svc = Services(config=cfg, lm=lm, readout_manager=readout, graph=graph, limits=ServerLimits(**limits))
     svc.on_close(graph.close)
     return svc

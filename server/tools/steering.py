@@ -40,7 +40,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         if not prompt.strip():
             raise ToolError("prompt is empty; pass the text to continue")
         if not concepts:
-            raise ToolError("concepts is empty; pass e.g. {\"joyful\": 0.3} (list_concepts shows valid names)")
+            raise ToolError("concepts is empty; pass e.g. {\"joyful\": 0.03} (list_concepts shows valid names)")
         if len(concepts) > lim.max_concepts:
             raise ToolError(f"{len(concepts)} concepts given, at most {lim.max_concepts} at once")
         for name, alpha in concepts.items():

@@ -193,3 +193,15 @@ def test_steer_cli_json(tiny_model_dir, tiny_lm, readout, tmp_path):
                               str(tmp_path / "h"), "--readout", str(rdir)])
     assert bad.exit_code == 2 and "unknown concept" in bad.output
     assert out.concepts == readout.concepts
+
+
+def test_alpha_unit_is_the_layer_residual_norm(readout):
+    """alpha = 1 pushes by exactly the layer's typical residual norm, whatever the layer."""
+    for layer in readout.manifest.layers:
+        plan = build_plan(readout, {"weary": 0.25}, [layer])
+        expected = 0.25 * float(readout.layers[layer].residual_norm)
+        assert float(plan.pushes[layer].norm()) == pytest.approx(expected, rel=1e-5)
+    two = build_plan(readout, {"weary": 0.25, "cozy": -0.25}, [1])
+    k1, k2 = readout.concept_index("weary"), readout.concept_index("cozy")
+    d = readout.layers[1].directions
+    assert torch.allclose(two.pushes[1], 0.25 * float(readout.layers[1].residual_norm) * (d[k1] - d[k2]), atol=1e-5)

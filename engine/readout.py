@@ -295,9 +295,13 @@ class ReadoutManager:
 
     def read(self, texts: list[str], layers: list[int] | None = None, progress: bool | str = False) -> list[TextScores]:
         """Scores at the pooled position of each text (one batched, body-only pass)."""
+        return self.read_ids([self.encode(t) for t in texts], layers, progress)
+
+    def read_ids(self, seqs: list[list[int]], layers: list[int] | None = None,
+                 progress: bool | str = False) -> list[TextScores]:
+        """`read` for already-encoded texts (callers that also need the token counts encode once)."""
         lm = self._need_lm()
         layers = self.check_layers(layers)
-        seqs = [self.encode(t) for t in texts]
         res = multi_pooled_activations(lm, seqs, layers, [self.pooling], progress=progress)
         return self.score_pooled(res.pooled[self.pooling], layers, torch.tensor([len(q) for q in seqs]))
 

@@ -60,7 +60,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
 
             def work():
                 ids = r.encode(text)
-                scores = r.read([text], layers=chosen)[0].combined
+                scores = r.read_ids([ids], layers=chosen)[0].combined
                 tokens = None
                 if per_token:
                     toks, per = r.read_tokens(text, layers=chosen)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from .generation import sequence_logprobs
-from .steering import SteeringPlan, build_plan, generate_steered
+from .steering import build_plan, generate_steered
 
 if TYPE_CHECKING:
     from .model import LoadedModel

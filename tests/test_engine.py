@@ -9,7 +9,7 @@ from engine.activations import Pooling, forward_body, pad_batch, pool, pooled_ac
 from engine.config import Config
 from engine.generation import generate, sequence_logprobs
 from engine.hooks import capture_residuals, hooks_installed, layer_hooks
-from engine.model import LoadedModel, ModelError, find_layers, resolve_model_path
+from engine.model import ModelError, find_layers, resolve_model_path
 from engine.tokens import TextError, encode
 
 TEXTS = ["hello world", "a somewhat longer sentence about nothing in particular", "x", "mid length text"]

@@ -154,18 +154,14 @@ def repair(directory: Path | str, *, dry_run: bool = False, lock_timeout: float 
 
 def _base(directory: Path, report: RepairReport) -> tuple[nx.MultiDiGraph, int, str]:
     spath, prev = directory / SNAPSHOT_NAME, directory / PREV_SNAPSHOT_NAME
-    if spath.exists():
+    for path, what in ((spath, "the snapshot"), (prev, "the previous snapshot")):
+        if not path.exists():
+            continue
         try:
-            snap = read_snapshot(spath)
-            return snap.graph, snap.header.seq, "the snapshot"
+            snap = read_snapshot(path)
+            return snap.graph, snap.header.seq, what
         except (SnapshotError, OSError) as exc:
-            report.problems.append(f"{SNAPSHOT_NAME}: {exc}")
-    if prev.exists():
-        try:
-            snap = read_snapshot(prev)
-            return snap.graph, snap.header.seq, "the previous snapshot"
-        except (SnapshotError, OSError) as exc:
-            report.problems.append(f"{PREV_SNAPSHOT_NAME}: {exc}")
+            report.problems.append(f"{path.name}: {exc}")
     if spath.exists() or prev.exists():
         report.problems.append("no readable snapshot; rebuilding from journal records alone")
         return nx.MultiDiGraph(), 0, "the journal alone (no readable snapshot)"

@@ -47,15 +47,21 @@ class Services:
     @property
     def readout(self) -> ReadoutManager:
         """The emotion readout; raises ReadoutNotReady while a first-start build is running."""
+        if self.readout_manager is None:
+            raise ReadoutNotReady(self.readout_status())
+        return self.readout_manager
+
+    def readout_status(self) -> str:
+        """'ready', or why the readout is not available yet (what the tools tell the agent)."""
         if self.readout_manager is not None:
-            return self.readout_manager
+            return "ready"
         if self._readout_error is not None:
-            raise ReadoutNotReady(f"building the emotion readout failed: {self._readout_error}; fix it and restart, "
-                                  "or build it with `amygdala vectors train`")
+            return (f"building the emotion readout failed: {self._readout_error}; fix it and restart, "
+                    "or build it with `amygdala vectors train`")
         waited = 0 if self._readout_started is None else time.monotonic() - self._readout_started
-        raise ReadoutNotReady(f"the emotion readout for {self.lm.name} is being built for the first time (running for "
-                              f"{waited / 60:.1f} min; a few minutes on 2 CPU cores); retry then. submit_correction "
-                              "and train_status already work.")
+        return (f"the emotion readout for {self.lm.name} is being built for the first time (running for "
+                f"{waited / 60:.1f} min; a few minutes on 2 CPU cores); retry then. submit_correction "
+                "and train_status already work.")
 
     @property
     def readout_ready(self) -> bool:

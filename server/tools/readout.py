@@ -93,24 +93,17 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
                   description="readout.json: concepts, layers, pooling, default layers, validation summary.",
                   mime_type="application/json")
     def readout_manifest() -> str:
-        if not svc_static.readout_ready:
-            return json.dumps({"status": "building", "message": _not_ready(svc_static)})
-        return svc_static.readout.manifest.model_dump_json(indent=2)
+        return _when_ready(svc_static, lambda r: r.manifest.model_dump_json(indent=2))
 
     @mcp.resource("amygdala://concepts", name="concepts", title="Concepts with families",
                   description="Every concept with its family, valence, arousal and confusion notes.",
                   mime_type="application/json")
     def concepts_resource() -> str:
-        if not svc_static.readout_ready:
-            return json.dumps({"status": "building", "message": _not_ready(svc_static)})
-        return json.dumps([i.model_dump() for i in concept_infos(svc_static)], indent=2)
+        return _when_ready(svc_static, lambda r: json.dumps([i.model_dump() for i in concept_infos(svc_static)], indent=2))
 
 
-def _not_ready(svc: Services) -> str:
-    from ..services import ReadoutNotReady
-
-    try:
-        svc.readout
-    except ReadoutNotReady as exc:
-        return str(exc)
-    return "ready"
+def _when_ready(svc: Services, render) -> str:
+    """A resource's JSON, or a status object while the readout is still being built."""
+    if not svc.readout_ready:
+        return json.dumps({"status": "building", "message": svc.readout_status()})
+    return render(svc.readout)

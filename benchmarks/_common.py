@@ -23,8 +23,8 @@ def timer(out: dict, key: str):
 
 
 def load_embedded():
-    from engine.config import Config
-    from engine.model import load_model
+    from amygdala.engine.config import Config
+    from amygdala.engine.model import load_model
 
     return load_model(Config.load())
 
@@ -32,7 +32,7 @@ def load_embedded():
 def sample_texts(n: int) -> list[str]:
     """Corpus stories if present (the real workload), else generated filler of story length."""
     try:
-        from corpus import load_corpus
+        from amygdala.corpus import load_corpus
 
         texts = [t.text for t in load_corpus(strict=False).all_texts()]
     except Exception:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import load_embedded, machine_line, sample_texts  # noqa: E402
-from engine.activations import forward_body, length_batches, pad_batch  # noqa: E402
+from amygdala.engine.activations import forward_body, length_batches, pad_batch  # noqa: E402
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks._common import load_embedded, machine_line  # noqa: E402
-from training.checkpoint_sync import BLOCK_SIZE, sync_checkpoint  # noqa: E402
-from training.sync_format import read_layout  # noqa: E402
+from amygdala.training.checkpoint.sync import BLOCK_SIZE, sync_checkpoint  # noqa: E402
+from amygdala.training.checkpoint.format import read_layout  # noqa: E402
 
 TARGET = 10.0
 ST = "model.safetensors"

@@ -22,7 +22,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from memory_graph import MemoryGraph  # noqa: E402
+from amygdala.memory_graph import MemoryGraph  # noqa: E402
 
 _EMOTIONS = ("frustrated", "curious", "calm", "anxious", "proud", "ashamed", "bored", "hopeful")
 

@@ -42,9 +42,9 @@ def main() -> None:
 
     from mcp import Client
 
-    from engine.config import Config
-    from engine.model import load_model
-    from training.readout_build import ensure_readout
+    from amygdala.engine.config import Config
+    from amygdala.engine.model import load_model
+    from amygdala.training.vectors.build import ensure_readout
 
     cfg = Config.load()
     lm = load_model(cfg)
@@ -54,7 +54,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "amygdala-bench-server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--transport", "http", "--no-train", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "amygdala.server.cli", "serve", "--transport", "http", "--no-train", "--port",
                              str(port)], cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:

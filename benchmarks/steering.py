@@ -26,12 +26,12 @@ def main() -> None:
     ap.add_argument("--concept", default="joyful")
     args = ap.parse_args()
 
-    from engine.config import Config
-    from engine.generation import generate
-    from engine.model import load_model
-    from engine.steering import build_plan, generate_steered
-    from engine.steering_eval import NEUTRAL_PROMPTS
-    from training.readout_build import ensure_readout
+    from amygdala.engine.config import Config
+    from amygdala.engine.generation import generate
+    from amygdala.engine.model import load_model
+    from amygdala.engine.steering import build_plan, generate_steered
+    from amygdala.engine.steering_eval import NEUTRAL_PROMPTS
+    from amygdala.training.vectors.build import ensure_readout
 
     cfg = Config.load()
     lm = load_model(cfg)

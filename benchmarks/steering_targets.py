@@ -35,11 +35,11 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from engine.config import Config
-    from engine.model import load_model
-    from engine.steering_eval import NEUTRAL_PROMPTS, plot_sweep, sweep
-    from training.cli import parse_layers
-    from training.readout_build import ensure_readout
+    from amygdala.engine.config import Config
+    from amygdala.engine.model import load_model
+    from amygdala.engine.steering_eval import NEUTRAL_PROMPTS, plot_sweep, sweep
+    from amygdala.training.vectors.cli import parse_layers
+    from amygdala.training.vectors.build import ensure_readout
 
     cfg = Config.load()
     lm = load_model(cfg)

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import load_embedded, machine_line, sample_texts  # noqa: E402
-from training.apollo import DEFAULT_RANK, state_bytes  # noqa: E402
-from training.peak_memory import PeakTensorMemory  # noqa: E402
-from training.schemas import TrainExample, TrainSettings  # noqa: E402
-from training.trainer import ContextFrozenTrainer, continuation_logprobs, full_backprop_logprobs  # noqa: E402
+from amygdala.training.apollo import DEFAULT_RANK, state_bytes  # noqa: E402
+from amygdala.training.peak_memory import PeakTensorMemory  # noqa: E402
+from amygdala.training.schemas import TrainExample, TrainSettings  # noqa: E402
+from amygdala.training.trainer import ContextFrozenTrainer, continuation_logprobs, full_backprop_logprobs  # noqa: E402
 
 CONTEXT_TOKENS = 512
 CONTINUATION_TOKENS = 32

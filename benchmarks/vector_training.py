@@ -4,7 +4,7 @@
     grid, validation, final fit, files, plots) into a temporary directory, never the user's readout:
     texts, tokens, tokens/s, wall time.
 (2) The (framing, baseline) pairs of every paired scenario, trained twice on the same layers:
-    - ours: one body-only forward per unique text (`training.steering_vectors.collect`, last-token
+    - ours: one body-only forward per unique text (`training.vectors.caa.collect`, last-token
       pooling), then per layer mean over pairs of (framing - baseline);
     - steering-vectors 0.12 (`train_steering_vector`, `mean_aggregator()`, `read_token_index=-1`),
       which computes the same quantity but runs the LM head and re-forwards a baseline once per
@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import load_embedded, machine_line  # noqa: E402
-from corpus import Corpus, Scenario, load_corpus  # noqa: E402
-from engine.activations import Pooling, pooled_activations  # noqa: E402
-from engine.model import LoadedModel  # noqa: E402
+from amygdala.corpus import Corpus, Scenario, load_corpus  # noqa: E402
+from amygdala.engine.activations import Pooling, pooled_activations  # noqa: E402
+from amygdala.engine.model import LoadedModel  # noqa: E402
 
 DEFAULT_PEER_PYTHON = "/tmp/sv-venv/bin/python"
 PEER_SETUP = ("python3 -m venv /tmp/sv-venv && /tmp/sv-venv/bin/pip install torch==2.13.0 steering-vectors "
@@ -123,7 +123,7 @@ def quick_corpus(corpus: Corpus, emotions: int = 16, stories: int = 3, scenarios
 
 # -- part (1) ------------------------------------------------------------------------------------
 def full_training(lm: LoadedModel, corpus: Corpus) -> dict:
-    from training.readout_build import build_readout
+    from amygdala.training.vectors.build import build_readout
 
     with tempfile.TemporaryDirectory(prefix="amygdala-bench-readout-") as d:
         res = build_readout(lm, corpus, Path(d) / "readout", echo=lambda s: print(f"  {s}"))

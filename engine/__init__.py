@@ -1,1 +1,1 @@
-"""engine"""
+"""The model engine: load a causal LM once, capture and steer its residual stream, generate, read emotions."""

@@ -23,6 +23,24 @@ def make_config(home: Optional[Path] = None, model: Optional[str] = None, device
     return Config.load(home=home, model=model, device=device, threads=threads, max_tokens=max_tokens)
 
 
+def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
+    """'6-10', '3,5,7', '4-6,12' or None (all)."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise typer.BadParameter(f"layers {spec!r} not understood; use e.g. '6-10', '3,5,7' or 'all'") from None
+    return out
+
+
 def echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
 

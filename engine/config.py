@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_HOME = "~/.local/share/amygdala"
+from amygdala.home import DEFAULT_HOME, HOME_ENV
+
 EMBEDDED_MODEL = "embedded"
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -45,7 +46,7 @@ class Config(BaseModel):
     def load(cls, **overrides: object) -> "Config":
         """Environment first, then explicit overrides (CLI flags); None overrides are ignored."""
         env = {
-            "home": os.environ.get("AMYGDALA_HOME", DEFAULT_HOME),
+            "home": os.environ.get(HOME_ENV) or DEFAULT_HOME,
             "model": os.environ.get("AMYGDALA_MODEL"),
             "device": os.environ.get("AMYGDALA_DEVICE"),
             "dtype": os.environ.get("AMYGDALA_DTYPE"),

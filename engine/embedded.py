@@ -10,18 +10,18 @@ data hash) is recorded because checkpoint sync legitimately rewrites weight byte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import struct
 import time
 from pathlib import Path
 
 from filelock import FileLock
 
-from ._atomic import fsync_dir
+from amygdala.fsio import atomic_write, fsync_dir, fsync_file
+
+from .safetensors_file import HeaderError, header_sha256, read_header
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +36,15 @@ class CacheInvalid(Exception):
 
 def safetensors_header(path: Path) -> tuple[int, dict]:
     """(header length, parsed header) of a safetensors file; raises CacheInvalid if malformed."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise CacheInvalid(f"{path.name}: shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n <= 0 or 8 + n > size:
-            raise CacheInvalid(f"{path.name}: header length {n} does not fit file of {size} bytes")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise CacheInvalid(f"{path.name}: header is not JSON ({exc})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise CacheInvalid(f"{path.name}: data ends at {8 + n + end} but file has {size} bytes (truncated write?)")
-    return n, header
+    try:
+        return read_header(path)
+    except HeaderError as exc:
+        raise CacheInvalid(str(exc)) from None
 
 
 def _header_hash(path: Path) -> str:
-    n, _ = safetensors_header(path)
-    with path.open("rb") as fh:
-        return hashlib.sha256(fh.read(8 + n)).hexdigest()
+    safetensors_header(path)
+    return header_sha256(path)
 
 
 def validate_cache(directory: Path) -> None:
@@ -89,13 +76,7 @@ def write_marker(directory: Path, source: str) -> None:
     headers = {name: _header_hash(directory / name) for name in files if name.endswith(".safetensors")}
     meta = {"version": MARKER_VERSION, "source": source, "created": time.time(), "files": files,
             "safetensors_headers": headers}
-    tmp = directory / (MARKER + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(meta, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / MARKER)
-    fsync_dir(directory)
+    atomic_write(directory / MARKER, json.dumps(meta, indent=2).encode())
 
 
 def embedded_gguf_path() -> Path:
@@ -128,8 +109,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         tok.save_pretrained(tmp)
         for f in tmp.iterdir():
             if f.is_file():
-                with f.open("rb+") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(f)
         write_marker(tmp, source=str(gguf.name))
         os.replace(tmp, target)
         fsync_dir(target.parent)

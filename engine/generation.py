@@ -8,13 +8,13 @@ last position (the 262k-vocabulary head is the most expensive part of this model
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from .kv_cache import cache_kwarg, new_cache
 from .hooks import ResidualFn, capture_residuals, layer_hooks
 from .model import LoadedModel
 
@@ -40,20 +40,6 @@ class GenerationResult:
 
 # on_residuals(phase, residuals {layer: (new_positions, hidden)})
 ResidualCallback = Callable[[Phase, dict[int, torch.Tensor]], None]
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model: torch.nn.Module) -> object:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signature
-        return DynamicCache()
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:
@@ -105,7 +91,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 64, t
     if seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
     stops = eos_ids(lm) if stop_at_eos else set()
-    kw = _cache_kwarg(lm.model)
+    kw = cache_kwarg(lm.model)
     device = lm.device
     out: list[int] = []
     logps: list[float] = []
@@ -125,7 +111,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 64, t
         return res.logits[0, -1]
 
     with lm.lock, torch.inference_mode(), layer_hooks(lm.layers, layer_fns or {}):
-        cache = _new_cache(lm.model)
+        cache = new_cache(lm.model)
         state.phase, state.step = "prompt", 0
         logits = forward(list(prompt_ids), cache, 0)
         n = len(prompt_ids)

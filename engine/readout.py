@@ -27,6 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -181,7 +182,7 @@ class ReadoutManager:
         """Write readout.safetensors + readout.json atomically (temp files, fsync, rename)."""
         from safetensors.torch import save_file
 
-        from ._atomic import atomic_write_bytes, fsync_dir
+        from amygdala.fsio import atomic_write, replace_durably
 
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -192,13 +193,8 @@ class ReadoutManager:
                     tensors[f"layer_{i}.{name}"] = t.detach().to(torch.float32).contiguous()
         tmp = directory / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "amygdala-readout", "version": str(FORMAT_VERSION)})
-        with tmp.open("rb+") as fh:
-            import os
-
-            os.fsync(fh.fileno())
-        tmp.replace(directory / TENSORS_FILE)
-        atomic_write_bytes(directory / MANIFEST_FILE, self.manifest.model_dump_json(indent=2).encode())
-        fsync_dir(directory)
+        replace_durably(tmp, directory / TENSORS_FILE)
+        atomic_write(directory / MANIFEST_FILE, self.manifest.model_dump_json(indent=2).encode())
         return directory
 
     @classmethod
@@ -438,3 +434,17 @@ def readout_dir(readouts_root: Path, lm: "LoadedModel") -> Path:
     if lm.path is not None and "(embedded)" not in lm.name:
         safe += "-" + hashlib.sha256(str(Path(lm.path).resolve()).encode()).hexdigest()[:8]
     return readouts_root / safe
+
+
+def load_readout(lm: "LoadedModel", config, readout_path: Path | None = None,
+                 echo: Callable[[str], None] = print) -> "ReadoutManager":
+    """An existing readout for `lm` (explicit path, else the model's default directory); never builds one.
+
+    Building needs the corpus and the fitting code (`amygdala.training.vectors.build.ensure_readout`);
+    callers above engine pass that instead when a missing readout should be built.
+    """
+    directory = Path(readout_path) if readout_path is not None else readout_dir(config.readouts_dir, lm)
+    if readout_path is None and not (directory / MANIFEST_FILE).is_file():
+        raise ReadoutError(f"no emotion readout for {lm.name} in {directory} yet; build it with `amygdala vectors train` "
+                           "(or start `amygdala serve`, which builds it), or pass --readout DIR")
+    return ReadoutManager.from_file(directory, model=lm, max_tokens=config.max_tokens, truncation=config.truncation)

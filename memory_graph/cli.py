@@ -7,7 +7,6 @@ MCP server or the dream loop is writing.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -28,7 +27,9 @@ app = typer.Typer(help="The memory graph: memories, corrections, invariants, sce
 
 def default_graph_dir() -> Path:
     """Where the graph lives unless --dir says otherwise ($AMYGDALA_HOME/memory)."""
-    return Path(os.environ.get("AMYGDALA_HOME", "~/.local/share/amygdala")).expanduser() / "memory"
+    from amygdala.home import home_from_env
+
+    return home_from_env() / "memory"
 
 
 DirOpt = typer.Option(None, "--dir", help="Graph directory (default: $AMYGDALA_HOME/memory, "
@@ -308,7 +309,7 @@ def export(
     from networkx.readwrite import json_graph
 
     from .extract import extract_training_pairs, parse_threshold
-    from .fsutil import atomic_write
+    from amygdala.fsio import atomic_write
 
     if fmt not in ("node-link", "jsonl", "training"):
         raise _fail("--format must be node-link, jsonl or training", 2)

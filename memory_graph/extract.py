@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import networkx as nx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 
-from .fsutil import atomic_write
+from amygdala.fsio import atomic_write
 from .models import Correction, CorrectionStatus, Memory, Score, node_from_attrs
 from .tags import EMOTION_ID, strip_tag_lines
 

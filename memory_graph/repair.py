@@ -12,7 +12,6 @@ Loading refuses damaged files; this is the explicit, reviewed path past that ref
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pydantic import ValidationError
 
 from . import ops
 from .errors import CorruptGraphError, MemoryGraphError
-from .fsutil import atomic_write, fsync_dir
+from amygdala.fsio import atomic_write, fsync_dir, fsync_file
 from .journal import JournalHeader, JournalRecord, encode_line, scan
 from .lock import WriterLock
 from .snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -176,8 +175,7 @@ def _backup(directory: Path) -> Path:
         src = directory / name
         if src.exists():
             shutil.copy2(src, target / name)
-            with open(target / name, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(target / name)
     fsync_dir(target)
     fsync_dir(directory)
     return target

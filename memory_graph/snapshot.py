@@ -21,7 +21,7 @@ import networkx as nx
 from networkx.readwrite import json_graph
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .fsutil import atomic_write
+from amygdala.fsio import atomic_write
 from .models import EdgeKind, Node, utc_now
 
 

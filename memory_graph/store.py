@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from . import ops
 from .errors import (CorruptGraphError, IdempotencyConflictError, InvalidInputError, InvalidTransitionError,
                      MalformedTagLinesError, MemoryGraphError, NodeNotFoundError, TornTailWarning)
-from .fsutil import atomic_write, fsync_dir, link_replace, remove_stale_temps, sync_data, write_all
+from amygdala.fsio import atomic_write, fsync_dir, link_replace, remove_stale_temps, sync_data, write_all
 from .journal import JournalHeader, JournalRecord, JournalScan, encode_line, scan
 from .lock import WriterLock
 from .models import (NODE_CLASSES, STATUS_TRANSITIONS, Certificate, Correction, CorrectionStatus, Edge, EdgeKind,

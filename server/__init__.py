@@ -1,3 +1,1 @@
-"""amygdala's MCP server: tools over stdio and streamable HTTP, plus the training HTTP API."""
-
-__version__ = "0.1.0"
+"""The MCP server and HTTP daemon: tools over stdio and streamable HTTP, the training API, the composition root."""

@@ -12,13 +12,15 @@ import os
 
 import typer
 
-from corpus.cli import app as corpus_app
-from engine.cli import generate_cmd, model_app
-from memory_graph.cli import app as memory_app
-from training.cli import readout_cmd, vectors_app
-from training.steer_cli import steer_app
-from training.sync_cli import sync_cmd
-from training.train_cli import train_app
+from dataclasses import dataclass
+
+from amygdala.corpus.cli import app as corpus_app
+from amygdala.engine.cli import generate_cmd, model_app
+from amygdala.engine.steer_cli import steer_app
+from amygdala.memory_graph.cli import app as memory_app
+from amygdala.training.checkpoint.cli import sync_cmd
+from amygdala.training.cli import train_app
+from amygdala.training.vectors.cli import readout_cmd, vectors_app
 
 from .serve_cli import serve
 
@@ -28,6 +30,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@dataclass(frozen=True)
+class CliContext:
+    """What the composition root hands to sub-apps that must not import upwards (engine's steer CLI)."""
+
+    readout_for: object
+
+
+def _ensure_readout(*args: object, **kwargs: object) -> object:
+    from amygdala.training.vectors.build import ensure_readout  # imported when used: keeps `--help` fast
+
+    return ensure_readout(*args, **kwargs)
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    ctx.obj = CliContext(readout_for=_ensure_readout)
+
+
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(memory_app, name="memory")

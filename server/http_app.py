@@ -108,7 +108,7 @@ def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1",
                                       host=host)
     routes: list[Any] = []
     if services.trainer is not None:
-        from training.api import build_train_routes
+        from amygdala.training.api import build_train_routes
 
         def on_checkpoint() -> Any:
             if services.sync is None:

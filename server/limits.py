@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from amygdala.training.schemas import MAX_BODY_BYTES
+
 
 class ServerLimits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -15,4 +17,4 @@ class ServerLimits(BaseModel):
     max_concepts: int = Field(8, ge=1, description="Concepts steered at once.")
     max_top_k: int = Field(50, ge=1)
     max_correction_chars: int = Field(20_000, ge=64, description="Longest context/preferred/rejected text.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest HTTP request body.")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, description="Largest HTTP request body.")

@@ -12,9 +12,9 @@ from .services import Services
 
 # A later feature (dream loop, certificate review) adds its module here; nothing else changes.
 TOOL_MODULES: tuple[str, ...] = (
-    "server.tools.readout",
-    "server.tools.steering",
-    "server.tools.corrections",
+    "amygdala.server.tools.readout",
+    "amygdala.server.tools.steering",
+    "amygdala.server.tools.corrections",
 )
 
 INSTRUCTIONS = """\
@@ -34,7 +34,7 @@ def build_mcp(services: Services, modules: tuple[str, ...] = TOOL_MODULES) -> MC
     async def lifespan(_: Any):
         yield services
 
-    from . import __version__
+    from amygdala import __version__
 
     mcp = MCPServer("amygdala", title="amygdala", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
     for name in modules:

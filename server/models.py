@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from training.schemas import TrainStatus
+from amygdala.training.schemas import TrainStatus
 
 
 class ConceptScore(BaseModel):

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from engine.cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, make_config
+from amygdala.engine.cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, make_config
 
 
 def serve(
@@ -37,7 +37,7 @@ def serve(
             echo_err(f"error: {exc}")
             raise typer.Exit(2) from None
     cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
-    from engine.model import ModelError
+    from amygdala.engine.model import ModelError
 
     try:
         services = start_services(cfg, train=train, readout_path=readout, echo=echo_err, sync_delay_s=sync_delay)

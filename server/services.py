@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import Config
-from engine.model import LoadedModel
-from engine.readout import ReadoutManager
-from memory_graph import MemoryGraph
+from amygdala.engine.config import Config
+from amygdala.engine.model import LoadedModel
+from amygdala.engine.readout import ReadoutManager
+from amygdala.memory_graph import MemoryGraph
 
 from .limits import ServerLimits
 
@@ -36,7 +36,7 @@ class Services:
     limits: ServerLimits = field(default_factory=ServerLimits)
     trainer: Any | None = None  # training.client.TrainingClient (None: training disabled)
     scheduler: Any | None = None  # apscheduler BackgroundScheduler shared by sync and (later) the dream loop
-    sync: Any | None = None  # training.sync_schedule.SyncScheduler
+    sync: Any | None = None  # training.checkpoint.schedule.SyncScheduler
     engine: Any | None = None  # server.engine_thread.EngineThread running all model work (None: worker threads)
     extras: dict[str, Any] = field(default_factory=dict)  # slots for later modules (dream loop, certificates)
     _closers: list[Callable[[], None]] = field(default_factory=list)
@@ -85,8 +85,8 @@ class Services:
 
 
 def readout_exists(config: Config, lm: LoadedModel) -> bool:
-    from engine.readout import MANIFEST_FILE
-    from training.readout_build import default_readout_dir
+    from amygdala.engine.readout import MANIFEST_FILE
+    from amygdala.training.vectors.build import default_readout_dir
 
     return (default_readout_dir(config, lm) / MANIFEST_FILE).is_file()
 
@@ -114,7 +114,7 @@ def start_services(config: Config, echo: Callable[[str], None] = print, corpus_r
 
 
 def build_readout_later(services: Services, echo: Callable[[str], None], corpus_root: Any = None) -> None:
-    from training.readout_build import ensure_readout
+    from amygdala.training.vectors.build import ensure_readout
 
     try:
         readout = ensure_readout(services.lm, services.config, echo=echo, corpus_root=corpus_root)
@@ -135,9 +135,9 @@ def open_services(config: Config, *, train: bool = True, limits: ServerLimits | 
     With defer_readout, a readout that does not exist yet is not built here: the caller builds it
     later (`build_readout_later`) so the server can answer clients while it trains.
     """
-    from engine.model import load_model, resolve_model_path
-    from training.checkpoint_sync import recover
-    from training.readout_build import ensure_readout
+    from amygdala.engine.model import load_model, resolve_model_path
+    from amygdala.training.checkpoint.sync import recover
+    from amygdala.training.vectors.build import ensure_readout
 
     if lm is None:
         # A sync killed mid-write leaves a journal: replay it before the weights are mapped, or the
@@ -163,9 +163,9 @@ def _start_training(services: Services, settings: Any | None, sync_delay_s: floa
                     echo: Callable[[str], None]) -> None:
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from training.checkpoint_sync import CheckpointSyncer
-    from training.client import TrainingClient
-    from training.sync_schedule import SYNC_DELAY_S, SyncScheduler
+    from amygdala.training.checkpoint.sync import CheckpointSyncer
+    from amygdala.training.client import TrainingClient
+    from amygdala.training.checkpoint.schedule import SYNC_DELAY_S, SyncScheduler
 
     scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
     scheduler.start()

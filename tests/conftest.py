@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from engine.testing import tiny_model
+    from amygdala.engine.testing import tiny_model
 
     return tiny_model()
 
@@ -25,7 +25,7 @@ def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.testing import save_tiny_model
+    from amygdala.engine.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -33,13 +33,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_config():
     """Config for slow tests: the real model cache in AMYGDALA_HOME (converted once, reused across runs)."""
-    from engine.config import Config
+    from amygdala.engine.config import Config
 
     return Config.load(home=os.environ.get("AMYGDALA_HOME"))
 
 
 @pytest.fixture(scope="session")
 def embedded_lm(embedded_config):
-    from engine.model import load_model
+    from amygdala.engine.model import load_model
 
     return load_model(embedded_config)

@@ -28,7 +28,7 @@ def _say(line: str) -> None:
 
 
 def _writer(directory: str, prefix: str, start: int, count: int, snapshot_every: int, start_at: float) -> None:
-    from memory_graph import MemoryGraph
+    from amygdala.memory_graph import MemoryGraph
 
     g = MemoryGraph(directory, snapshot_every=snapshot_every or None, lock_timeout=60)
     time.sleep(max(0.0, start_at - time.time()))  # lets two writers start their loops together
@@ -40,7 +40,7 @@ def _writer(directory: str, prefix: str, start: int, count: int, snapshot_every:
 
 
 def _holder(directory: str, seconds: float) -> None:
-    from memory_graph import MemoryGraph
+    from amygdala.memory_graph import MemoryGraph
 
     g = MemoryGraph(directory)
     with g.batch():

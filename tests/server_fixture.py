@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.activations import Pooling
-from engine.config import Config
-from engine.readout import ReadoutManager
+from amygdala.engine.activations import Pooling
+from amygdala.engine.config import Config
+from amygdala.engine.readout import ReadoutManager
 from tests.corpus_fixture import make_corpus
-from training.readout_build import build_readout
-from training.steering_vectors import FitOptions
+from amygdala.training.vectors.build import build_readout
+from amygdala.training.vectors.caa import FitOptions
 
 
 def build_tiny_readout(lm, root: Path) -> Path:
-    from corpus import load_corpus
+    from amygdala.corpus import load_corpus
 
     corpus = make_corpus(root / "corpus")
     out = root / "readout"
@@ -23,9 +23,9 @@ def build_tiny_readout(lm, root: Path) -> Path:
 
 
 def tiny_services(lm, root: Path, readout_dir: Path, **limits):
-    from memory_graph import MemoryGraph
-    from server.limits import ServerLimits
-    from server.services import Services
+    from amygdala.memory_graph import MemoryGraph
+    from amygdala.server.limits import ServerLimits
+    from amygdala.server.services import Services
 
     cfg = Config(home=root / "home")
     readout = ReadoutManager.from_file(readout_dir, model=lm, max_tokens=limits.get("max_text_tokens", 2048))

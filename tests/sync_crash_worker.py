@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from training.checkpoint_sync import sync_checkpoint  # noqa: E402
+from amygdala.training.checkpoint.sync import sync_checkpoint  # noqa: E402
 
 
 def main() -> None:

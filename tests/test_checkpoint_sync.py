@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoint_sync import (
+from amygdala.training.checkpoint.sync import (
     AliasedMappingError, CheckpointSyncer, JournalError, MismatchError, MissingTensorError, StaleFileError,
     changed_blocks, sync_checkpoint,
 )
-from training.sync_journal import journal_path
-from training.sync_names import pack, packed_name, to_file_names, unpacked_names
+from amygdala.training.checkpoint.journal import journal_path
+from amygdala.training.checkpoint.names import pack, packed_name, to_file_names, unpacked_names
 
 B = 4096
 ST = "model.safetensors"
@@ -140,7 +140,7 @@ def test_changed_blocks_matches_bytewise_compare_at_any_alignment():
 
 
 def test_module_with_tied_weights_syncs_and_untied_extra_is_refused(model_dir):
-    from engine.testing import tiny_model
+    from amygdala.engine.testing import tiny_model
 
     lm = tiny_model()  # same seed as the saved directory, fresh object
     model = lm.model
@@ -180,7 +180,7 @@ def test_mismatches_are_refused_with_file_untouched(model_dir, damage):
 
 
 def test_compares_in_the_file_dtype(tmp_path):
-    from engine.testing import tiny_model
+    from amygdala.engine.testing import tiny_model
 
     model = tiny_model().model
     d = tmp_path / "bf16"
@@ -201,7 +201,7 @@ def test_compares_in_the_file_dtype(tmp_path):
 
 
 def test_sharded_directory(tmp_path):
-    from engine.testing import tiny_model
+    from amygdala.engine.testing import tiny_model
 
     model = tiny_model().model
     d = tmp_path / "sharded"
@@ -260,7 +260,7 @@ def test_vllm_name_mapping_round_trip(model_dir):
 def test_live_weights_mapped_from_the_file(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from training.sync_alias import aliased, file_mappings
+    from amygdala.training.checkpoint.alias import aliased, file_mappings
 
     path = model_dir / ST
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -350,7 +350,7 @@ def test_dry_run_reports_without_writing(model_dir, pwrites):
 
 
 def test_cache_marker_stays_valid(model_dir):
-    from engine.embedded import validate_cache, write_marker
+    from amygdala.engine.embedded import validate_cache, write_marker
 
     write_marker(model_dir, "test")
     live = load_live(model_dir / ST)
@@ -365,7 +365,7 @@ def test_cli_offline_sync(model_dir, tmp_path):
     from safetensors.torch import save_file
     from typer.testing import CliRunner
 
-    from training.sync_cli import sync_app
+    from amygdala.training.checkpoint.cli import sync_app
 
     trained = load_live(model_dir / ST)
     trained["model.layers.2.self_attn.o_proj.weight"] += 0.01
@@ -393,7 +393,7 @@ def test_cli_offline_sync(model_dir, tmp_path):
 
 
 def test_sync_overlapping_a_training_step_is_refused_then_retried(model_dir):
-    from training.checkpoint_sync import WeightsChangedError
+    from amygdala.training.checkpoint.sync import WeightsChangedError
 
     path = model_dir / ST
     live = load_live(path)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from training.checkpoint_sync import JournalError, recover
-from training.sync_journal import journal_path
+from amygdala.training.checkpoint.sync import JournalError, recover
+from amygdala.training.checkpoint.journal import journal_path
 
 WORKER = Path(__file__).with_name("sync_crash_worker.py")
 ST = "model.safetensors"

@@ -12,8 +12,8 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from safetensors.torch import load_file
 
-from training.checkpoint_sync import CheckpointSyncer
-from training.sync_schedule import JOBSTORE, SyncScheduler
+from amygdala.training.checkpoint.sync import CheckpointSyncer
+from amygdala.training.checkpoint.schedule import JOBSTORE, SyncScheduler
 
 
 class Counter:
@@ -108,7 +108,7 @@ def test_shares_a_scheduler_with_a_persistent_default_store(tmp_path):
 
 
 def test_scheduled_sync_writes_the_trained_weights(scheduler, tmp_path, tiny_model_dir):
-    from engine.testing import tiny_model
+    from amygdala.engine.testing import tiny_model
 
     d = shutil.copytree(tiny_model_dir, tmp_path / "model")
     model = tiny_model().model

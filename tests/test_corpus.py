@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from corpus import CorpusError, check_corpus, load_corpus, load_manifest
-from corpus.cli import app
+from amygdala.corpus import CorpusError, check_corpus, load_corpus, load_manifest
+from amygdala.corpus.cli import app
 from tests.corpus_fixture import make_corpus
 
 

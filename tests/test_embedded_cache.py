@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import embedded
-from engine.embedded import CacheInvalid, ensure_embedded_model, validate_cache, write_marker
+from amygdala.engine import embedded
+from amygdala.engine.embedded import CacheInvalid, ensure_embedded_model, validate_cache, write_marker
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corpus import Corpus, Scenario, load_corpus
-from engine.activations import Pooling
-from engine.readout import ReadoutManager
-from training.readout_build import build_readout
-from training.steering_vectors import FitOptions
+from amygdala.corpus import Corpus, Scenario, load_corpus
+from amygdala.engine.activations import Pooling
+from amygdala.engine.readout import ReadoutManager
+from amygdala.training.vectors.build import build_readout
+from amygdala.training.vectors.caa import FitOptions
 
 pytestmark = pytest.mark.slow
 FAMILIES = ("high_arousal_positive", "fear", "sadness", "anger")
@@ -64,7 +64,7 @@ def test_readout_separates_families_on_fresh_text(subset_readout):
 
 
 def test_steering_moves_the_reread_score(embedded_lm, subset_readout):
-    from engine.steering_eval import NEUTRAL_PROMPTS, sweep
+    from amygdala.engine.steering_eval import NEUTRAL_PROMPTS, sweep
 
     _, r = subset_readout
     res = sweep(embedded_lm, r, "joyful", [0.04], list(NEUTRAL_PROMPTS[:3]), max_new_tokens=24)
@@ -82,7 +82,7 @@ def test_steering_moves_the_reread_score(embedded_lm, subset_readout):
 
 def test_short_texts_are_not_inflated(subset_readout):
     """Length calibration: a one-line text scores on the same scale as a paragraph."""
-    from engine.activations import pooled_activations
+    from amygdala.engine.activations import pooled_activations
 
     _, r = subset_readout
     short = ["I read it twice.", "The door opened.", "We finally won!", "Nothing changed today.", "She smiled at me."]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.activations import Pooling, forward_body, pad_batch, pool, pooled_activations, length_batches, token_activations
-from engine.config import Config
-from engine.generation import generate, sequence_logprobs
-from engine.hooks import capture_residuals, hooks_installed, layer_hooks
-from engine.model import ModelError, find_layers, resolve_model_path
-from engine.tokens import TextError, encode
+from amygdala.engine.activations import Pooling, forward_body, pad_batch, pool, pooled_activations, length_batches, token_activations
+from amygdala.engine.config import Config
+from amygdala.engine.generation import generate, sequence_logprobs
+from amygdala.engine.hooks import capture_residuals, hooks_installed, layer_hooks
+from amygdala.engine.model import ModelError, find_layers, resolve_model_path
+from amygdala.engine.tokens import TextError, encode
 
 TEXTS = ["hello world", "a somewhat longer sentence about nothing in particular", "x", "mid length text"]
 
@@ -192,7 +192,7 @@ def test_model_path_errors(tmp_path):
 
 
 def test_load_local_model_dir(tiny_model_dir, tmp_path):
-    from engine.model import load_model
+    from amygdala.engine.model import load_model
 
     lm = load_model(Config(home=tmp_path, model=str(tiny_model_dir)))
     assert lm.n_layers == 4 and lm.info()["hidden_size"] == 64

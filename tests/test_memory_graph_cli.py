@@ -9,8 +9,8 @@ import pytest
 from networkx.readwrite import json_graph
 from typer.testing import CliRunner
 
-from memory_graph import MemoryGraph
-from memory_graph.cli import app, default_graph_dir
+from amygdala.memory_graph import MemoryGraph
+from amygdala.memory_graph.cli import app, default_graph_dir
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from memgraph_writer import WriterServer  # noqa: E402
 
-from memory_graph import LockTimeoutError, MemoryGraph, TornTailWarning  # noqa: E402
+from amygdala.memory_graph import LockTimeoutError, MemoryGraph, TornTailWarning  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the writer server forks")
 

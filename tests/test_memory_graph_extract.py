@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_graph import EmotionThreshold, MemoryGraph, extract_training_pairs
+from amygdala.memory_graph import EmotionThreshold, MemoryGraph, extract_training_pairs
 
 T0 = datetime(2025, 5, 1, tzinfo=timezone.utc)
 

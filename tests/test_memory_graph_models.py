@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from memory_graph import (NODE_KINDS, STATUS_TRANSITIONS, Certificate, Correction, InvalidInputError,
+from amygdala.memory_graph import (NODE_KINDS, STATUS_TRANSITIONS, Certificate, Correction, InvalidInputError,
                           InvalidTransitionError, Invariant, Memory, MemoryGraph, Scenario)
-from memory_graph.models import NODE_ADAPTER, node_from_attrs
+from amygdala.memory_graph.models import NODE_ADAPTER, node_from_attrs
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -164,7 +164,7 @@ def test_status_transitions_follow_the_table(tmp_path: Path) -> None:
 
 
 def test_node_content_cannot_change_after_it_is_stored(tmp_path: Path) -> None:
-    from memory_graph import ops
+    from amygdala.memory_graph import ops
 
     with MemoryGraph(tmp_path / "g") as g:
         m = g.add_memory("original")

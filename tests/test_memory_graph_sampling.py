@@ -9,8 +9,8 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from memory_graph import MemoryGraph, ReplayConfig, replay_weights, sample_for_replay
-from memory_graph.models import Correction, Memory
+from amygdala.memory_graph import MemoryGraph, ReplayConfig, replay_weights, sample_for_replay
+from amygdala.memory_graph.models import Correction, Memory
 
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
 

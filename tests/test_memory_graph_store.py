@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from memory_graph import (CorruptGraphError, IdempotencyConflictError, LockTimeoutError, MemoryGraph,
+from amygdala.memory_graph import (CorruptGraphError, IdempotencyConflictError, LockTimeoutError, MemoryGraph,
                           MemoryGraphError, TornTailWarning, repair)
-from memory_graph import store as store_module
+from amygdala.memory_graph import store as store_module
 
 
 def _files(d: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from memory_graph import (MalformedTagLinesError, MemoryGraph, format_tag_line, parse_emotion_scores, parse_tag_lines,
+from amygdala.memory_graph import (MalformedTagLinesError, MemoryGraph, format_tag_line, parse_emotion_scores, parse_tag_lines,
                           strip_tag_lines)
 
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from corpus import Corpus, Text, load_corpus
-from corpus.manifest import Manifest
-from engine.activations import Pooling
-from engine.control_vectors import ControlVector, read_gguf, read_safetensors, write_gguf, write_safetensors
-from engine.model import LoadedModel
-from engine.readout import ReadoutError, ReadoutManager
-from engine.testing import tiny_tokenizer
+from amygdala.corpus import Corpus, Text, load_corpus
+from amygdala.corpus.manifest import Manifest
+from amygdala.engine.activations import Pooling
+from amygdala.engine.control_vectors import ControlVector, read_gguf, read_safetensors, write_gguf, write_safetensors
+from amygdala.engine.model import LoadedModel
+from amygdala.engine.readout import ReadoutError, ReadoutManager
+from amygdala.engine.testing import tiny_tokenizer
 from tests.corpus_fixture import make_corpus
-from training.readout_build import build_readout
-from training.steering_vectors import CorpusTooSmall, FitOptions, check_corpus_size, collect, fit_readout, model_ref
+from amygdala.training.vectors.build import build_readout
+from amygdala.training.vectors.caa import CorpusTooSmall, FitOptions, check_corpus_size, collect, fit_readout, model_ref
 
 FAST = (FitOptions(Pooling("mean", 2), True, 0.0), FitOptions(Pooling("last"), False, 0.0))
 
@@ -243,7 +243,7 @@ def test_read_tokens_and_window(built, tiny_lm):
 def test_cli_readout_json_and_jsonl(built, tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from server.cli import app
+    from amygdala.server.cli import app
 
     _, _, out = built
     # a readout trained on the in-memory tiny model fits the saved tiny model (same config, same seed)
@@ -270,7 +270,7 @@ def test_cli_readout_json_and_jsonl(built, tiny_model_dir, tmp_path):
 
 def test_decode_reader_matches_read_tokens(built, tiny_lm):
     """Scores during generation equal re-reading the generated text token by token."""
-    from engine.generation import generate
+    from amygdala.engine.generation import generate
 
     res, _, out = built
     r = ReadoutManager.from_file(out, model=tiny_lm)
@@ -280,7 +280,7 @@ def test_decode_reader_matches_read_tokens(built, tiny_lm):
     prompt = r.encode("the kettle sang")
     g = generate(tiny_lm, prompt, max_new_tokens=12, capture_layers=layers, on_residuals=reader, read_last=True,
                  stop_at_eos=False)
-    from engine.activations import token_activations
+    from amygdala.engine.activations import token_activations
 
     acts = token_activations(tiny_lm, prompt + g.token_ids, layers)
     expected = r.score_windowed(acts, layers)
@@ -326,7 +326,7 @@ def test_length_calibration(built, tiny_lm, tmp_path):
     text = "a warm blanket"
     ids = r.encode(text)
     acts = r.read([text])[0].combined
-    from engine.activations import pooled_activations
+    from amygdala.engine.activations import pooled_activations
 
     pooled = pooled_activations(tiny_lm, [ids], r.default_layers, r.pooling)
     m = r.pooled_tokens(len(ids))

@@ -8,7 +8,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from server.mcp_server import build_mcp
+from amygdala.server.mcp_server import build_mcp
 from tests.server_fixture import build_tiny_readout, tiny_services
 
 
@@ -114,7 +114,7 @@ def test_submit_correction_durable_and_idempotent(svc):
     assert first["correction_id"] == again["correction_id"] and first["status"] == "pending"
     assert svc.graph.stats().corrections_by_status == {"pending": 1}
     # durable: a fresh process view of the directory sees it
-    from memory_graph import MemoryGraph
+    from amygdala.memory_graph import MemoryGraph
 
     with MemoryGraph(svc.config.memory_dir, readonly=True) as view:
         assert view.get(first["correction_id"]).preferred == "Let me check the numbers again."
@@ -136,7 +136,7 @@ def test_train_status_without_worker(svc):
 
 def test_steering_reports_progress_from_the_engine_thread(svc):
     """Model work runs on the engine thread; progress still reaches the client."""
-    from server.engine_thread import EngineThread
+    from amygdala.server.engine_thread import EngineThread
 
     svc.engine = EngineThread()
     seen = []
@@ -188,8 +188,8 @@ def test_tools_while_the_readout_is_still_being_built(svc):
 def test_start_services_builds_a_missing_readout_in_the_background(tmp_path, tiny_model_dir):
     import time as _time
 
-    from engine.config import Config
-    from server.services import start_services
+    from amygdala.engine.config import Config
+    from amygdala.server.services import start_services
     from tests.corpus_fixture import make_corpus
 
     corpus = make_corpus(tmp_path / "corpus")

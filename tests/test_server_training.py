@@ -11,8 +11,8 @@ import pytest
 import torch
 from mcp import Client
 
-from engine.testing import tiny_model
-from server.mcp_server import build_mcp
+from amygdala.engine.testing import tiny_model
+from amygdala.server.mcp_server import build_mcp
 from tests.server_fixture import build_tiny_readout, tiny_services
 from tests.test_server_transports import Daemon
 
@@ -23,8 +23,8 @@ def readout_dir(tmp_path_factory, tiny_lm):
 
 
 def test_train_now_queues_a_job_that_changes_the_served_weights(tmp_path, readout_dir):
-    from training.client import TrainingClient
-    from training.schemas import TrainSettings
+    from amygdala.training.client import TrainingClient
+    from amygdala.training.schemas import TrainSettings
 
     lm = tiny_model(seed=0)  # its own copy: the worker moves it to shared memory
     svc = tiny_services(lm, tmp_path, readout_dir)
@@ -114,7 +114,7 @@ def test_http_load_while_training(tmp_path, tiny_model_dir, readout_dir):
         assert ck.status_code == 200, ck.text
         from safetensors.torch import load_file
 
-        from engine.testing import tiny_model as fresh
+        from amygdala.engine.testing import tiny_model as fresh
 
         on_disk = load_file(str(model_dir / "model.safetensors"))
         original = fresh(seed=0).model.state_dict()

@@ -27,7 +27,7 @@ def served(tmp_path_factory, tiny_lm, tiny_model_dir):
 
 
 def amygdala_cmd() -> list[str]:
-    return [sys.executable, "-m", "server.cli"]
+    return [sys.executable, "-m", "amygdala.server.cli"]
 
 
 def free_port() -> int:
@@ -56,7 +56,7 @@ async def exercise(client: Client) -> None:
 
 def test_stdio_client(served, tmp_path):
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "server.cli", "serve", "--transport", "stdio", "--no-train", "--model", served["model"],
+        command=sys.executable, args=["-m", "amygdala.server.cli", "serve", "--transport", "stdio", "--no-train", "--model", served["model"],
                                       "--readout", served["readout"], "--home", str(tmp_path / "h")],
         cwd=str(Path(__file__).resolve().parent.parent), env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -7,21 +7,21 @@ import threading
 import pytest
 import torch
 
-from engine.activations import Pooling
-from engine.control_vectors import ControlVector, write_gguf, write_safetensors
-from engine.generation import DecodeState, generate
-from engine.hooks import hooks_installed
-from engine.readout import ReadoutManager
-from engine.steering import SteeringError, build_plan, generate_steered, parse_concept_alphas, steer
-from engine.steering_eval import compare, plot_sweep, sweep
+from amygdala.engine.activations import Pooling
+from amygdala.engine.control_vectors import ControlVector, write_gguf, write_safetensors
+from amygdala.engine.generation import DecodeState, generate
+from amygdala.engine.hooks import hooks_installed
+from amygdala.engine.readout import ReadoutManager
+from amygdala.engine.steering import SteeringError, build_plan, generate_steered, parse_concept_alphas, steer
+from amygdala.engine.steering_eval import compare, plot_sweep, sweep
 from tests.corpus_fixture import make_corpus
-from training.readout_build import build_readout
-from training.steering_vectors import FitOptions
+from amygdala.training.vectors.build import build_readout
+from amygdala.training.vectors.caa import FitOptions
 
 
 @pytest.fixture(scope="module")
 def readout(tmp_path_factory, tiny_lm):
-    from corpus import load_corpus
+    from amygdala.corpus import load_corpus
 
     root = make_corpus(tmp_path_factory.mktemp("c") / "c")
     out = tmp_path_factory.mktemp("r") / "r"
@@ -177,7 +177,7 @@ def test_steer_cli_json(tiny_model_dir, tiny_lm, readout, tmp_path):
 
     from typer.testing import CliRunner
 
-    from server.cli import app
+    from amygdala.server.cli import app
 
     runner = CliRunner()
     out = readout.manifest  # the module readout was saved; find its directory through a fresh save

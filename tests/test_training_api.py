@@ -6,10 +6,10 @@ import pytest
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
-from training.api import create_app
-from training.schemas import (JobRejected, JobResult, ModelLimits, RollbackResult, TrainJob, TrainStatus,
+from amygdala.training.api import create_app
+from amygdala.training.schemas import (JobRejected, JobResult, ModelLimits, RollbackResult, TrainJob, TrainStatus,
                               WorkerUnavailable, check_job)
-from training.train_cli import train_app
+from amygdala.training.cli import train_app
 
 
 class FakeService:

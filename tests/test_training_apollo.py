@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from training.apollo import DEFAULT_RANK, Apollo, OptimizerSpec, build_optimizer, state_bytes
-from training.optimizer_state import OptimizerStateError, load_state, save_state
-from training.schemas import TrainExample, TrainJob, TrainSettings
-from training.trainer import ContextFrozenTrainer
+from amygdala.training.apollo import DEFAULT_RANK, Apollo, OptimizerSpec, build_optimizer, state_bytes
+from amygdala.training.optimizer_state import OptimizerStateError, load_state, save_state
+from amygdala.training.schemas import TrainExample, TrainJob, TrainSettings
+from amygdala.training.trainer import ContextFrozenTrainer
 
 SHAPES = [(48, 32), (32, 48), (40, 40), (32,)]
 

@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 
-from engine.activations import token_activations
-from engine.generation import sequence_logprobs
-from training.client import TrainingClient
-from training.schemas import TrainExample, TrainJob, TrainSettings
-from training.trainer import ContextFrozenTrainer
+from amygdala.engine.activations import token_activations
+from amygdala.engine.generation import sequence_logprobs
+from amygdala.training.client import TrainingClient
+from amygdala.training.schemas import TrainExample, TrainJob, TrainSettings
+from amygdala.training.trainer import ContextFrozenTrainer
 
 pytestmark = pytest.mark.slow
 

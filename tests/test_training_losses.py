@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import log1mexp, log_odds, orpo_loss, sft_loss
+from amygdala.training.losses import log1mexp, log_odds, orpo_loss, sft_loss
 
 
 def trl_orpo(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, nll: torch.Tensor, beta: float) -> torch.Tensor:

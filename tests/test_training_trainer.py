@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from training.peak_memory import PeakTensorMemory
-from training.schemas import JobRejected, TrainExample, TrainJob, TrainSettings
-from training.trainer import (ContextFrozenTrainer, continuation_logprobs, example_loss, full_backprop_logprobs,
+from amygdala.training.peak_memory import PeakTensorMemory
+from amygdala.training.schemas import JobRejected, TrainExample, TrainJob, TrainSettings
+from amygdala.training.trainer import (ContextFrozenTrainer, continuation_logprobs, example_loss, full_backprop_logprobs,
                               trainable_parameters)
 
 # longer than the tiny model's sliding window (32), so sliding-window layers are exercised

@@ -12,13 +12,13 @@ import httpx
 import pytest
 import torch
 
-from engine.activations import token_activations
-from engine.config import Config
-from engine.generation import sequence_logprobs
-from engine.testing import tiny_model
-from training.api import create_app
-from training.client import TrainingClient
-from training.schemas import JobRejected, TrainExample, TrainJob, TrainSettings
+from amygdala.engine.activations import token_activations
+from amygdala.engine.config import Config
+from amygdala.engine.generation import sequence_logprobs
+from amygdala.engine.testing import tiny_model
+from amygdala.training.api import create_app
+from amygdala.training.client import TrainingClient
+from amygdala.training.schemas import JobRejected, TrainExample, TrainJob, TrainSettings
 
 CONTEXT = [2] + [(5 * i) % 250 + 4 for i in range(40)]
 ORPO = TrainExample(context_ids=CONTEXT, continuation_ids=[100, 101, 102], rejected_ids=[150, 151], loss="orpo")

@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .schemas import JobRejected, JobResult, RollbackResult, TrainJob, TrainRequest, TrainStatus, WorkerUnavailable
+from .schemas import (MAX_BODY_BYTES, JobRejected, JobResult, RollbackResult, TrainJob, TrainRequest, TrainStatus,
+                      WorkerUnavailable)
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class TrainingService(Protocol):

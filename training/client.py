@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.config import Config
-from engine.model import LoadedModel
+from amygdala.engine.config import Config
+from amygdala.engine.model import LoadedModel
 
 from .schemas import (JobRejected, JobResult, ModelLimits, RollbackResult, TrainExample, TrainJob, TrainRequest,
                       TrainSettings, TrainStatus, WorkerUnavailable, check_job)

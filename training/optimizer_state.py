@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from engine._atomic import atomic_write_bytes
+from amygdala.fsio import atomic_write
 
 from .apollo import Apollo
 
@@ -95,12 +95,12 @@ def save_state(opt: Apollo, named: list[tuple[str, nn.Parameter]], directory: Pa
     generation = max(generations, default=0) + 1
     data = st_save(tensors, metadata={"format_version": str(FORMAT_VERSION), "generation": str(generation)})
     tensors_file = f"state-{generation:08d}.safetensors"
-    atomic_write_bytes(directory / tensors_file, data)
+    atomic_write(directory / tensors_file, data)
     stored = StoredOptimizerState(
         model_key=key, kind=kind, hyperparameters=_group_hparams(opt), generation=generation, tensors_file=tensors_file,
         tensors_sha256=hashlib.sha256(data).hexdigest(), saved_at=time.time(), jobs_trained=jobs_trained,
         params={n: ParamState(shape=list(p.shape), **ints[n]) for n, p in named})
-    atomic_write_bytes(directory / STATE_JSON, stored.model_dump_json(indent=1).encode())
+    atomic_write(directory / STATE_JSON, stored.model_dump_json(indent=1).encode())
     for old in directory.glob("state-*.safetensors"):  # only after the commit point
         if old.name != tensors_file:
             old.unlink(missing_ok=True)

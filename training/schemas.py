@@ -18,6 +18,7 @@ LossKind = Literal["sft", "orpo"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 DEFAULT_LR = 1e-5
 MAX_LR = 1e-2  # above this one step of Adam-like updates wrecks a pretrained model
+MAX_BODY_BYTES = 4 * 1024 * 1024  # largest HTTP request body, for the training API and the daemon alike
 
 
 class JobRejected(ValueError):

@@ -27,7 +27,6 @@ publish a seqlock-style weights version to readers in the serving process.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import sys
@@ -40,6 +39,8 @@ from typing import ContextManager
 
 import torch
 from torch import nn
+
+from amygdala.engine.kv_cache import cache_kwarg, new_cache
 
 from .apollo import Apollo, build_optimizer
 from .losses import orpo_loss, sft_loss
@@ -71,19 +72,6 @@ def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> tu
 
 
 # -- forward passes -------------------------------------------------------------------------------
-def _cache_kwarg(model: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _new_cache(model: nn.Module) -> object:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
 def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] without materialising the log-softmax over the whole vocabulary."""
     logits = logits.float()
@@ -97,9 +85,9 @@ def continuation_logprobs(model: nn.Module, context_ids: list[int], continuation
     if not continuations or any(len(c) == 0 for c in continuations):
         raise ValueError("every continuation needs at least one token")
     device = next(model.parameters()).device
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     n_ctx = len(context_ids)
-    cache = _new_cache(model)
+    cache = new_cache(model)
     if n_ctx > 1:
         with torch.no_grad():
             ids = torch.tensor([context_ids[:-1]], device=device)

@@ -90,7 +90,7 @@ def worker_main(model: Any, boot: dict, version_value: Any, stop_event: Any) -> 
     from .trainer import ContextFrozenTrainer
 
     logging.basicConfig(level=boot.get("log_level", "WARNING"), format="%(levelname)s training-worker: %(message)s")
-    log = logging.getLogger("training.worker")
+    log = logging.getLogger("amygdala.training.worker")
     settings = TrainSettings.model_validate(boot["settings"])
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) // 2))
     parent = boot["parent_pid"]

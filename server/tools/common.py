@@ -26,9 +26,9 @@ def tool_errors() -> Iterator[None]:
     (The MCP SDK hides the text of any other exception from the client, so every error a caller
     could fix must pass through here.)
     """
-    from engine.readout import ReadoutError
-    from engine.steering import SteeringError
-    from engine.tokens import TextError
+    from amygdala.engine.readout import ReadoutError
+    from amygdala.engine.steering import SteeringError
+    from amygdala.engine.tokens import TextError
 
     from ..services import ReadoutNotReady
 

@@ -18,7 +18,7 @@ from .common import in_thread, services
 
 def correction_job(svc, context: str, preferred: str, rejected: str | None, label: str):
     """Tokenize a correction into a training job: ORPO with a rejected response, SFT without."""
-    from training.schemas import TrainExample, TrainJob
+    from amygdala.training.schemas import TrainExample, TrainJob
 
     tok = svc.lm.tokenizer
     ctx_ids = tok(context)["input_ids"]  # with BOS
@@ -57,7 +57,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         if train_now and svc.trainer is None:
             raise ToolError("train_now needs the training worker, which this server runs without "
                             "(started with --no-train); submit without train_now and the dream loop will pick it up")
-        from memory_graph.errors import MemoryGraphError
+        from amygdala.memory_graph.errors import MemoryGraphError
 
         graph = svc.graph
         earlier = graph.find_by_key(idempotency_key) if idempotency_key else None
@@ -71,7 +71,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         if duplicate:
             message = "already stored under this idempotency_key; nothing new was written"
         if train_now and not duplicate:
-            from training.schemas import JobRejected, WorkerUnavailable
+            from amygdala.training.schemas import JobRejected, WorkerUnavailable
 
             try:
                 job, loss = correction_job(svc, context, preferred, rejected, label=corr.id)

@@ -20,7 +20,7 @@ def concept_infos(svc) -> list[ConceptInfo]:
     """Readout concepts with the manifest's metadata (computed once per server)."""
     if "concept_infos" in svc.extras:
         return svc.extras["concept_infos"]
-    from corpus import load_manifest
+    from amygdala.corpus import load_manifest
 
     meta = load_manifest().by_id
     out = []

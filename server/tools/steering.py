@@ -58,8 +58,8 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
             n = len(svc.lm.tokenizer(prompt)["input_ids"])
             if n > lim.max_prompt_tokens:
                 raise ToolError(f"prompt is {n} tokens, over the limit of {lim.max_prompt_tokens}; shorten it")
-            from engine.steering import build_plan
-            from engine.steering_eval import compare
+            from amygdala.engine.steering import build_plan
+            from amygdala.engine.steering_eval import compare
 
             build_plan(r, concepts, layers, positions)  # validate names and layers before any generation
             report = progress_reporter(ctx)

@@ -5,7 +5,7 @@ and its negatives (every other emotion's positives + every scenario baseline) of
 residual, per layer, unit-normalised. Each unique text is forwarded once: with 267 emotions, a
 naive per-emotion loop would forward every text 267 times.
 
-Options that decide quality, chosen by `training.readout_validation` rather than assumed:
+Options that decide quality, chosen by `training.vectors.validation` rather than assumed:
 - pooling: last token, or mean of token residuals from token k;
 - standardize: divide each hidden dimension by its corpus std before the difference of means, so
   a few high-variance dimensions (common in small models) do not dominate the direction;
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from corpus import Corpus, Text
-from engine.activations import ActivationResult, Pooling, multi_pooled_activations
-from engine.model import LoadedModel
-from engine.readout import DEFAULT_WINDOW, LayerReadout, ModelRef, ReadoutManager, ReadoutManifest
+from amygdala.corpus import Corpus, Text
+from amygdala.engine.activations import ActivationResult, Pooling, multi_pooled_activations
+from amygdala.engine.model import LoadedModel
+from amygdala.engine.readout import DEFAULT_WINDOW, LayerReadout, ModelRef, ReadoutManager, ReadoutManifest
 
 log = logging.getLogger(__name__)
 EPS = 1e-6

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from corpus import Corpus
-from engine.activations import Pooling
-from engine.readout import ReadoutManager
+from amygdala.corpus import Corpus
+from amygdala.engine.activations import Pooling
+from amygdala.engine.readout import ReadoutManager
 
-from .steering_vectors import CorpusActivations, FitOptions, fit_readout, small_linalg
+from .caa import CorpusActivations, FitOptions, fit_readout, small_linalg
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from engine._atomic import fsync_dir
+from amygdala.fsio import fsync_dir
 
-from .sync_format import JournalError, fingerprint
+from .format import JournalError, fingerprint
 
 JOURNAL_NAME = ".amygdala-sync.journal"
 MAGIC = b"AMYSYNC\x01"

@@ -9,9 +9,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from engine.cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, load_or_exit, make_config
-
-from .cli import parse_layers
+from .cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, load_or_exit, make_config, parse_layers
 
 
 class DefaultRunGroup(TyperGroup):
@@ -25,6 +23,15 @@ class DefaultRunGroup(TyperGroup):
 
 steer_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
                         help="Compare steered and unsteered generation (`steer PROMPT`) or sweep alphas (`steer sweep`).")
+
+
+def _readout_for(ctx: typer.Context):
+    """The composition root (`amygdala` itself) hands in a provider that builds a missing readout;
+    on its own this app only loads an existing one (engine never imports the vector-fitting code)."""
+    from .readout import load_readout
+
+    obj = ctx.find_root().obj
+    return getattr(obj, "readout_for", None) or load_readout
 
 
 def _fail(msg: str) -> None:
@@ -47,6 +54,7 @@ def _vectors(specs: list[str]) -> list[tuple[Path, float]]:
 
 @steer_app.command("run")
 def run(
+    ctx: typer.Context,
     prompt: str = typer.Argument(..., help="Prompt to continue."),
     concept: list[str] = typer.Option([], "--concept", "-c", help="NAME=ALPHA (repeatable). alpha is in units of the layer's typical residual norm."),
     vector: list[str] = typer.Option([], "--vector", help="FILE=ALPHA: a .gguf control vector or .safetensors direction file (repeatable)."),
@@ -60,12 +68,10 @@ def run(
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
 ) -> None:
     """Baseline and steered continuations, each re-read without steering."""
-    from engine.readout import ReadoutError
-    from engine.steering import SteeringError, parse_concept_alphas
-    from engine.steering_eval import compare
-    from engine.tokens import TextError
-
-    from .readout_build import ensure_readout
+    from .readout import ReadoutError
+    from .steering import SteeringError, parse_concept_alphas
+    from .steering_eval import compare
+    from .tokens import TextError
 
     try:
         concepts = parse_concept_alphas(concept)
@@ -74,7 +80,7 @@ def run(
     cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
     lm = load_or_exit(cfg)
     try:
-        r = ensure_readout(lm, cfg, readout, echo=echo_err)
+        r = _readout_for(ctx)(lm, cfg, readout, echo=echo_err)
         res = compare(lm, r, prompt, concepts, parse_layers(layers), positions, max_new_tokens, seed, temperature,
                       vectors=_vectors(vector))
     except (ReadoutError, SteeringError, TextError, ValueError) as exc:
@@ -101,6 +107,7 @@ def run(
 
 @steer_app.command("sweep")
 def sweep_cmd(
+    ctx: typer.Context,
     concept: str = typer.Option(..., "--concept", "-c", help="Concept to sweep."),
     alphas: str = typer.Option("-0.04,-0.02,0,0.02,0.04", help="Comma-separated alphas (units of the typical residual norm)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (default: 20 built-in neutral prompts)."),
@@ -116,11 +123,9 @@ def sweep_cmd(
     """Dose-response: mean re-read score per alpha, slope, wrong-way share, perplexity; optional PNG."""
     from tqdm import tqdm
 
-    from engine.readout import ReadoutError
-    from engine.steering import SteeringError
-    from engine.steering_eval import NEUTRAL_PROMPTS, plot_sweep, sweep
-
-    from .readout_build import ensure_readout
+    from .readout import ReadoutError
+    from .steering import SteeringError
+    from .steering_eval import NEUTRAL_PROMPTS, plot_sweep, sweep
 
     try:
         alpha_list = [float(a) for a in alphas.split(",") if a.strip()]
@@ -136,7 +141,7 @@ def sweep_cmd(
     cfg = make_config(home, model, threads=threads)
     lm = load_or_exit(cfg)
     try:
-        r = ensure_readout(lm, cfg, readout, echo=echo_err)
+        r = _readout_for(ctx)(lm, cfg, readout, echo=echo_err)
         bar = tqdm(total=len(plist) * len(set(alpha_list) | {0.0}), desc=f"sweep {concept}", unit="gen")
         res = sweep(lm, r, concept, alpha_list, plist, parse_layers(layers), positions, max_new_tokens, seed,
                     progress=lambda d, t: bar.update(1))

@@ -11,16 +11,14 @@ files stay light.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat as stat_mod
-import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from engine.embedded import CacheInvalid, safetensors_header
+from amygdala.engine.safetensors_file import HeaderError, header_length, header_sha256, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -143,16 +141,12 @@ class SafetensorsLayout:
         return sorted(self.tensors.values(), key=lambda e: e.start)
 
 
-def _header_sha256(fd: int, header_len: int) -> str:
-    return hashlib.sha256(os.pread(fd, 8 + header_len, 0)).hexdigest()
-
-
 def fingerprint(path: Path) -> Fingerprint:
     fd = os.open(path, os.O_RDONLY)
     try:
         st = os.fstat(fd)
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0).ljust(8, b"\0"))
-        digest = _header_sha256(fd, n) if 8 + n <= st.st_size else "unreadable"
+        n = header_length(fd)
+        digest = header_sha256(fd=fd, length=n) if 8 + n <= st.st_size else "unreadable"
     finally:
         os.close(fd)
     return Fingerprint(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest)
@@ -167,8 +161,8 @@ def read_layout(path: Path) -> SafetensorsLayout:
         raise SyncError(f"{path}: no such safetensors file")
     fp = fingerprint(path)
     try:
-        n, header = safetensors_header(path)
-    except CacheInvalid as exc:
+        n, header = read_header(path)
+    except HeaderError as exc:
         raise SyncError(f"{path} is not a valid safetensors file: {exc}") from None
     data_start = 8 + n
     tensors: dict[str, TensorEntry] = {}

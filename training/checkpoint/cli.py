@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .sync_format import SyncError, model_files
+from .format import SyncError, model_files
 
 
 def load_checkpoint_tensors(source: Path) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def sync_cmd(
 
     An interrupted earlier sync of DIR is finished (or discarded, if it never committed) first.
     """
-    from .checkpoint_sync import sync_checkpoint
+    from .sync import sync_checkpoint
 
     try:
         if not source.exists():

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .sync_format import MismatchError, MissingTensorError
+from .format import MismatchError, MissingTensorError
 
 NameScheme = Literal["transformers", "vllm"]
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from corpus import Corpus
-from engine.model import LoadedModel
-from engine.readout import ReadoutManager
+from amygdala.corpus import Corpus
+from amygdala.engine.model import LoadedModel
+from amygdala.engine.readout import ReadoutManager
 
 from .length_calibration import calibrate_lengths
-from .readout_validation import DEFAULT_GRID, ValidationReport, options_from_label, validate, write_plots
-from .steering_vectors import CorpusActivations, FitOptions, check_corpus_size, collect, fit_readout, model_ref
+from .validation import DEFAULT_GRID, ValidationReport, options_from_label, validate, write_plots
+from .caa import CorpusActivations, FitOptions, check_corpus_size, collect, fit_readout, model_ref
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load_report(out_dir: Path) -> dict:
 
 
 def default_readout_dir(config, lm: LoadedModel) -> Path:
-    from engine.readout import readout_dir
+    from amygdala.engine.readout import readout_dir
 
     return readout_dir(config.readouts_dir, lm)
 
@@ -94,8 +94,8 @@ def ensure_readout(lm: LoadedModel, config, readout_path: Path | None = None, co
 
     An explicit `readout_path` is never built implicitly: a missing explicit path is an error.
     """
-    from corpus import load_corpus
-    from engine.readout import MANIFEST_FILE
+    from amygdala.corpus import load_corpus
+    from amygdala.engine.readout import MANIFEST_FILE
 
     if readout_path is not None:
         return ReadoutManager.from_file(readout_path, model=lm, max_tokens=config.max_tokens, truncation=config.truncation)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from corpus import Text
-from engine.activations import forward_body, length_batches, pad_batch
-from engine.model import LoadedModel
-from engine.readout import ReadoutManager
+from amygdala.corpus import Text
+from amygdala.engine.activations import forward_body, length_batches, pad_batch
+from amygdala.engine.model import LoadedModel
+from amygdala.engine.readout import ReadoutManager
 
 CALIBRATION_TOKENS = (4, 8, 16, 32, 64)
 

@@ -34,16 +34,16 @@ import numpy as np
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
-from .sync_alias import aliased, file_mappings, privatize
-from .sync_format import (
+from .alias import aliased, file_mappings, privatize
+from .format import (
     AliasedMappingError, Fingerprint, JournalError, MismatchError, MissingTensorError, SafetensorsLayout,
     StaleFileError, SyncError, TensorEntry, WeightsChangedError, fingerprint, model_files, read_layouts,
 )
-from .sync_journal import (
+from .journal import (
     Journal, JournalRecord, JournalWriter, TornJournal, apply_journal, check_targets, finish_journal,
     journal_path, new_meta, read_journal,
 )
-from .sync_names import NameScheme, to_file_names
+from .names import NameScheme, to_file_names
 
 __all__ = [
     "BLOCK_SIZE", "AliasedMappingError", "CheckpointSyncer", "JournalError", "MismatchError", "MissingTensorError",
@@ -493,7 +493,7 @@ class CheckpointSyncer:
         self.model_dir = Path(model_dir)
         if pending_journal(self.model_dir):
             raise JournalError(f"{self.model_dir} has an unfinished sync journal: call "
-                               "training.checkpoint_sync.recover(model_dir) before loading the model from it, "
+                               "training.checkpoint.sync.recover(model_dir) before loading the model from it, "
                                "or the served weights would be the pre-crash ones")
         self.live = live
         self.names: NameScheme = names

@@ -1,0 +1,1 @@
+"""Emotion readout vectors: CAA fitting, the readout build, held-out validation and length calibration."""

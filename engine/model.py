@@ -135,9 +135,9 @@ class LoadedModel:
             return list(range(self.n_layers))
         bad = [i for i in layers if not 0 <= int(i) < self.n_layers]
         if bad:
-            raise ValueError(f"layer(s) {bad} out of range: {self.name} has {self.n_layers} decoder layers, valid indices 0-{self.n_layers - 1}")
+            raise ModelError(f"layer(s) {bad} out of range: {self.name} has {self.n_layers} decoder layers, valid indices 0-{self.n_layers - 1}")
         if not layers:
-            raise ValueError(f"no layers given; pass indices in 0-{self.n_layers - 1}")
+            raise ModelError(f"no layers given; pass indices in 0-{self.n_layers - 1}")
         return sorted({int(i) for i in layers})
 
     def weights_hash(self, refresh: bool = False) -> str:

@@ -52,6 +52,13 @@ class ReadoutError(ValueError):
     """A readout file that does not fit the model or itself; the message says what to do."""
 
 
+class UnknownConcept(ReadoutError, KeyError):
+    """A concept name the readout does not know (a KeyError too, for lookups)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class ModelRef(BaseModel):
     name: str
     weights_hash: str
@@ -160,7 +167,7 @@ class ReadoutManager:
         except KeyError:
             close = [c for c in self.concepts if name.lower()[:4] in c][:8]
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise KeyError(f"unknown concept {name!r}; valid concepts are the {len(self.concepts)} names from "
+            raise UnknownConcept(f"unknown concept {name!r}; valid concepts are the {len(self.concepts)} names from "
                            f"list_concepts / `amygdala vectors list`.{hint}") from None
 
     def family_of(self, concept: str) -> str:
@@ -170,10 +177,10 @@ class ReadoutManager:
         if layers is None:
             return self.default_layers
         if not layers:
-            raise ValueError(f"no layers given; the readout has layers {self.manifest.layers}")
+            raise ReadoutError(f"no layers given; the readout has layers {self.manifest.layers}")
         bad = [i for i in layers if i not in self.layers]
         if bad:
-            raise ValueError(f"layer(s) {bad} not in this readout; available layers: {self.manifest.layers} "
+            raise ReadoutError(f"layer(s) {bad} not in this readout; available layers: {self.manifest.layers} "
                              f"(default {self.default_layers})")
         return sorted(set(layers))
 

@@ -128,6 +128,7 @@ class StatusChange(_Model):
     status: CorrectionStatus
     time: AwareDatetime
     note: str | None = None
+    job_id: str | None = None
 
 
 class Correction(NodeBase):
@@ -139,11 +140,13 @@ class Correction(NodeBase):
     invariant_id: NodeId | None = None
     emotions: EmotionScores = Field(default_factory=dict)
     status: CorrectionStatus = "pending"
+    job_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        None, description="The training job that holds (queued) or trained (trained, rolled_back) this correction.")
     history: tuple[StatusChange, ...] = ()
     failures: int = Field(0, ge=0)
     last_failure: AwareDatetime | None = None
 
-    LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"status", "history", "failures", "last_failure"})
+    LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"status", "job_id", "history", "failures", "last_failure"})
 
     @model_validator(mode="after")
     def _distinct(self) -> "Correction":

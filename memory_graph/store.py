@@ -592,38 +592,58 @@ class MemoryGraph:
         Agents retry on timeouts: pass an `idempotency_key` and a retried call returns the
         correction stored the first time instead of storing it again.
         """
+        return self.add_correction(context, preferred, rejected, invariant, note, idempotency_key, emotions=emotions,
+                                   links=links, time=time)[0]
+
+    def add_correction(self, context: str, preferred: str, rejected: str | None = None,
+                       invariant: str | None = None, note: str | None = None,
+                       idempotency_key: str | None = None, *, emotions: Mapping[str, float] | None = None,
+                       links: Links = (), time: datetime | None = None) -> tuple[Correction, bool]:
+        """`submit_correction` that also says whether this call stored it: (correction, created).
+
+        `created` is decided under the writer lock, so of two concurrent retries with one
+        idempotency key exactly one gets True (and only that one should, say, queue a job).
+        """
         when = self._now(time)
 
-        def plan() -> tuple[list[ops.Mutation], Correction]:
+        def plan() -> tuple[list[ops.Mutation], tuple[Correction, bool]]:
             inv_id = self._resolve(invariant, "invariant", "invariant") if invariant is not None else None
             node = self._build(Correction, id=new_id("correction"), context=context, preferred=preferred,
                                rejected=rejected, note=note, invariant_id=inv_id, emotions=dict(emotions or {}),
                                time=when, idempotency_key=idempotency_key,
                                history=(StatusChange(status="pending", time=when),))
             extra = [("about", inv_id)] if inv_id is not None else []
-            return self._node_or_existing(node, self._edges_for(node.id, [*extra, *links], when))  # type: ignore[return-value]
+            muts, stored = self._node_or_existing(node, self._edges_for(node.id, [*extra, *links], when))
+            return muts, (stored, bool(muts))  # type: ignore[return-value]
 
         return self._write(plan)
 
     def set_correction_status(self, correction_id: str, status: CorrectionStatus, *, note: str | None = None,
+                              job_id: str | None = None, expect: CorrectionStatus | None = None,
                               time: datetime | None = None) -> Correction:
         """Move a correction along pending → queued → trained → certified / rolled_back.
 
         Asking for the status it already has is a no-op, so a dream loop that crashed after
-        updating can safely redo the step.
+        updating can safely redo the step. `job_id` records the training job (kept on trained and
+        rolled_back, cleared on pending). With `expect`, the move happens only if the correction
+        is in that status when the writer lock is held (a compare-and-set); otherwise it is
+        returned unchanged.
         """
         when = self._now(time)
 
         def plan() -> tuple[list[ops.Mutation], Correction]:
             current = self._get_kind(correction_id, "correction")
             assert isinstance(current, Correction)
-            if current.status == status:
+            if expect is not None and current.status != expect:
+                return [], current
+            if current.status == status and (job_id is None or job_id == current.job_id):
                 return [], current
             allowed = list(STATUS_TRANSITIONS.get(current.status, ()))
-            if status not in allowed:
+            if status != current.status and status not in allowed:
                 raise InvalidTransitionError(correction_id, current.status, status, allowed)
-            change = self._build(StatusChange, status=status, time=when, note=note)
-            node = current.model_copy(update={"status": status, "history": (*current.history, change)})
+            new_job = None if status == "pending" else (job_id if job_id is not None else current.job_id)
+            change = self._build(StatusChange, status=status, time=when, note=note, job_id=new_job)
+            node = current.model_copy(update={"status": status, "job_id": new_job, "history": (*current.history, change)})
             node = Correction.model_validate(node.model_dump())
             return [ops.ReplaceNode(node=node)], node
 

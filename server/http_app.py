@@ -101,6 +101,21 @@ class _TooLarge(Exception):
     pass
 
 
+class LifecycleTraining:
+    """The training API's view of the worker: a rollback also moves the undone jobs' corrections along."""
+
+    def __init__(self, services: Services):
+        assert services.trainer is not None
+        self._trainer = services.trainer
+        self._corrections = services.corrections
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+    def rollback(self, job_id: str) -> Any:
+        return self._corrections.rollback(job_id)
+
+
 def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1", token: str | None = None) -> Any:
     """The ASGI app for `amygdala serve --transport http`."""
     check_bind(host, token)
@@ -115,7 +130,7 @@ def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1",
                 raise RuntimeError("checkpoint sync is disabled: the model has no directory on disk")
             return services.sync.sync_now()
 
-        routes.extend(build_train_routes(services.trainer, on_checkpoint=on_checkpoint))
+        routes.extend(build_train_routes(LifecycleTraining(services), on_checkpoint=on_checkpoint))
 
     async def health(_: Request) -> JSONResponse:
         st = services.trainer.status() if services.trainer is not None else None

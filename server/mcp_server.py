@@ -7,7 +7,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from pydantic import ValidationError
 
+from .arguments import describe, forbid_unknown_arguments
 from .services import Services
 
 # A later feature (dream loop, certificate review) adds its module here; nothing else changes.
@@ -27,6 +30,21 @@ vectors before any training, and stores behavioural corrections that become weig
 Errors say how to fix the call."""
 
 
+class AmygdalaMCP(MCPServer):
+    """MCPServer whose argument errors read as one line naming the field, the limit and the fix."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            tool = self._tool_manager.get_tool(name)
+            fields = sorted((tool.parameters.get("properties") or {}) if tool else [])
+            raise ToolError(describe(name, cause, fields)) from cause
+
+
 def build_mcp(services: Services, modules: tuple[str, ...] = TOOL_MODULES) -> MCPServer:
     """An MCPServer over already-loaded services (loading happens once, before any transport starts)."""
 
@@ -36,7 +54,8 @@ def build_mcp(services: Services, modules: tuple[str, ...] = TOOL_MODULES) -> MC
 
     from amygdala import __version__
 
-    mcp = MCPServer("amygdala", title="amygdala", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    mcp = AmygdalaMCP("amygdala", title="amygdala", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
     for name in modules:
         importlib.import_module(name).register(mcp, services)
+    forbid_unknown_arguments(mcp)
     return mcp

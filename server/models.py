@@ -68,9 +68,34 @@ class CorrectionResult(BaseModel):
     message: str
 
 
+class WorkerStatus(BaseModel):
+    """The training worker as an agent sees it (a public contract: the worker's internal status may change)."""
+
+    alive: bool = Field(description="Whether the training worker process is running and ready.")
+    pid: int | None = None
+    error: str | None = Field(None, description="Why the worker is not running, when it is not.")
+    queue: list[str] = Field(default_factory=list, description="Job ids waiting, oldest first.")
+    current_job: str | None = None
+    step: int | None = Field(None, description="Steps done in the current job.")
+    total_steps: int | None = None
+    loss: float | None = Field(None, description="Loss of the latest step.")
+    last_error: str | None = None
+    jobs_finished: int = 0
+    optimizer: str = Field("", description="Optimizer and what it trains, e.g. 'APOLLO rank 64, 235 tensors'.")
+    rollback_available: list[str] = Field(default_factory=list, description="Jobs that can still be undone exactly.")
+    weights_changing: bool = Field(False, description="True while a step writes the served weights (readouts then see a mix).")
+
+    @classmethod
+    def from_internal(cls, st: TrainStatus) -> "WorkerStatus":
+        return cls(alive=st.worker_alive, pid=st.worker_pid, error=st.worker_error, queue=list(st.queue),
+                   current_job=st.current_job, step=st.step, total_steps=st.total_steps, loss=st.loss,
+                   last_error=st.last_error, jobs_finished=st.jobs_finished, optimizer=st.optimizer,
+                   rollback_available=list(st.rollback_available), weights_changing=st.weights_version % 2 == 1)
+
+
 class TrainStatusResult(BaseModel):
     enabled: bool = Field(description="False when the server runs without the training worker (--no-train).")
     message: str
-    worker: TrainStatus | None = Field(None, description="The training worker's own status (queue, current job, step, loss).")
+    worker: WorkerStatus | None = Field(None, description="The training worker: queue, current job, step, loss.")
     next_checkpoint_sync: str | None = Field(None, description="ISO time of the scheduled checkpoint sync, if any.")
     corrections: dict[str, int] = Field(default_factory=dict, description="Stored corrections by status.")

@@ -1,8 +1,11 @@
-"""What the server owns for its whole life: model, readout, memory graph, training worker, scheduler.
+"""The composition root: what the serving process owns for its whole life, typed, built in one place.
 
-Loaded once, before any transport starts, by the one process that serves; tools reach it through
-the MCP lifespan context. The HTTP daemon is the only owner of the model, the worker and the graph,
-so several agents share one model in memory and one single-writer graph.
+Model, readout, memory graph, scheduler, correction lifecycle, and (when training is on) the
+training worker's client and the checkpoint sync. Loaded once, before any transport starts, by the
+one process that serves; tools reach it through the MCP lifespan context. The HTTP daemon is the
+only owner of the model, the worker and the graph, so several agents share one model in memory and
+one single-writer graph. Packages below (dream, training, engine) receive what they need from here
+explicitly and never import this module.
 """
 
 from __future__ import annotations
@@ -11,39 +14,75 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from amygdala.dream.corrections import CorrectionLifecycle
 from amygdala.engine.config import Config
 from amygdala.engine.model import LoadedModel
 from amygdala.engine.readout import ReadoutManager
 from amygdala.memory_graph import MemoryGraph
 
+from .engine_thread import EngineThread
 from .limits import ServerLimits
 
+if TYPE_CHECKING:  # heavy or process-spawning modules: imported when training is switched on
+    from amygdala.training.checkpoint.schedule import SyncScheduler
+    from amygdala.training.client import TrainingClient
+    from amygdala.training.schemas import TrainSettings
+
 log = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]
 
 
 class ReadoutNotReady(RuntimeError):
     """The readout is still being built (first start on this model); the message says how long so far."""
 
 
+def new_scheduler() -> BackgroundScheduler:
+    """The process's one scheduler (checkpoint sync now, the nightly dream later), not yet started.
+
+    A misfire grace of an hour: APScheduler's default of one second silently skips a job whose
+    time passed while the process was busy or restarting.
+    """
+    return BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
+
+
+@dataclass(frozen=True)
+class ConceptMeta:
+    name: str
+    family: str
+    valence: float
+    arousal: float
+    note: str
+
+
 @dataclass
 class Services:
     config: Config
     lm: LoadedModel
-    readout_manager: ReadoutManager | None  # None while a first-start build runs: use .readout
     graph: MemoryGraph
+    readout_manager: ReadoutManager | None  # None while a first-start build runs: use .readout
     limits: ServerLimits = field(default_factory=ServerLimits)
-    trainer: Any | None = None  # training.client.TrainingClient (None: training disabled)
-    scheduler: Any | None = None  # apscheduler BackgroundScheduler shared by sync and (later) the dream loop
-    sync: Any | None = None  # training.checkpoint.schedule.SyncScheduler
-    engine: Any | None = None  # server.engine_thread.EngineThread running all model work (None: worker threads)
-    extras: dict[str, Any] = field(default_factory=dict)  # slots for later modules (dream loop, certificates)
-    _closers: list[Callable[[], None]] = field(default_factory=list)
-
+    scheduler: BackgroundScheduler = field(default_factory=new_scheduler)
+    corrections: CorrectionLifecycle = field(init=False)
+    trainer: TrainingClient | None = None  # None: training disabled (--no-train)
+    sync: SyncScheduler | None = None  # None: no training, or the model has no directory on disk
+    engine: EngineThread | None = None  # the thread running all model work (None: worker threads)
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _readout_started: float | None = None
     _readout_error: str | None = None
+    _concepts: list[ConceptMeta] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.corrections = CorrectionLifecycle(self.graph, self.lm.tokenizer)
+        if self.trainer is not None:
+            self.attach_trainer(self.trainer)
+
+    # -- readout ----------------------------------------------------------------------------------
     @property
     def readout(self) -> ReadoutManager:
         """The emotion readout; raises ReadoutNotReady while a first-start build is running."""
@@ -67,6 +106,29 @@ class Services:
     def readout_ready(self) -> bool:
         return self.readout_manager is not None
 
+    def concept_meta(self) -> list[ConceptMeta]:
+        """Readout concepts with the corpus manifest's metadata (computed once per server)."""
+        if self._concepts is None:
+            from amygdala.corpus import load_manifest
+
+            meta = load_manifest().by_id
+            out = []
+            for c, fam in zip(self.readout.concepts, self.readout.manifest.families):
+                e = meta.get(c)
+                out.append(ConceptMeta(name=e.name if e else c, family=fam, valence=e.valence if e else 0.0,
+                                       arousal=e.arousal if e else 0.0, note=e.note if e else ""))
+            self._concepts = out
+        return self._concepts
+
+    # -- training ---------------------------------------------------------------------------------
+    def attach_trainer(self, trainer: TrainingClient) -> None:
+        """Serve with this training worker: jobs change the weights hash and move corrections along."""
+        self.trainer = trainer
+        trainer.on_job_finished.append(
+            lambda result: self.lm.invalidate_weights_hash() if result.steps_applied > 0 else None)
+        self.corrections.attach(trainer)
+
+    # -- lifetime ---------------------------------------------------------------------------------
     def on_close(self, fn: Callable[[], None], *, last: bool = False) -> None:
         """Register a shutdown step; steps run newest first, `last=True` ones after all others."""
         if last:
@@ -91,17 +153,20 @@ def readout_exists(config: Config, lm: LoadedModel) -> bool:
     return (default_readout_dir(config, lm) / MANIFEST_FILE).is_file()
 
 
-def start_services(config: Config, echo: Callable[[str], None] = print, corpus_root: Any = None, **kwargs: Any) -> Services:
+def start_services(config: Config, *, train: bool = True, readout_path: Path | None = None,
+                   train_settings: TrainSettings | None = None, sync_delay_s: float | None = None,
+                   limits: ServerLimits | None = None, echo: Echo = print,
+                   corpus_root: Path | None = None) -> Services:
     """open_services on a dedicated engine thread that then runs every forward (see engine_thread).
 
     A missing readout is built on the engine thread after the server is up (first start on a
     model takes minutes): tools that need it answer with a clear "being built, retry" meanwhile.
     """
-    from .engine_thread import EngineThread
-
     engine = EngineThread()
     try:
-        services = engine.run(open_services, config, echo=echo, defer_readout=True, **kwargs)
+        services = engine.run(open_services, config, train=train, readout_path=readout_path,
+                              train_settings=train_settings, sync_delay_s=sync_delay_s, limits=limits, echo=echo,
+                              defer_readout=True)
     except BaseException:
         engine.close()
         raise
@@ -113,7 +178,7 @@ def start_services(config: Config, echo: Callable[[str], None] = print, corpus_r
     return services
 
 
-def build_readout_later(services: Services, echo: Callable[[str], None], corpus_root: Any = None) -> None:
+def build_readout_later(services: Services, echo: Echo, corpus_root: Path | None = None) -> None:
     from amygdala.training.vectors.build import ensure_readout
 
     try:
@@ -127,10 +192,10 @@ def build_readout_later(services: Services, echo: Callable[[str], None], corpus_
 
 
 def open_services(config: Config, *, train: bool = True, limits: ServerLimits | None = None,
-                  lm: LoadedModel | None = None, readout_path=None, echo: Callable[[str], None] = print,
-                  train_settings: Any | None = None, sync_delay_s: float | None = None,
+                  lm: LoadedModel | None = None, readout_path: Path | None = None, echo: Echo = print,
+                  train_settings: TrainSettings | None = None, sync_delay_s: float | None = None,
                   defer_readout: bool = False) -> Services:
-    """Load everything once. With train=False no worker or scheduler is started (read-only server).
+    """Load everything once. With train=False no worker or checkpoint sync is started (read-only model).
 
     With defer_readout, a readout that does not exist yet is not built here: the caller builds it
     later (`build_readout_later`) so the server can answer clients while it trains.
@@ -154,33 +219,38 @@ def open_services(config: Config, *, train: bool = True, limits: ServerLimits | 
     graph = MemoryGraph(config.memory_dir)
     services = Services(config=config, lm=lm, readout_manager=readout, graph=graph, limits=limits)
     services.on_close(graph.close)
+    services.scheduler.start()
+    services.on_close(lambda: services.scheduler.shutdown(wait=True))  # closers run newest first: after the sync
     if train:
         _start_training(services, train_settings, sync_delay_s, echo)
+    else:
+        returned = services.corrections.reconcile()  # nothing will finish jobs queued by an earlier daemon
+        if returned:
+            echo(f"amygdala: {len(returned)} correction(s) left queued by a stopped daemon are pending again")
     return services
 
 
-def _start_training(services: Services, settings: Any | None, sync_delay_s: float | None,
-                    echo: Callable[[str], None]) -> None:
-    from apscheduler.schedulers.background import BackgroundScheduler
-
+def _start_training(services: Services, settings: TrainSettings | None, sync_delay_s: float | None,
+                    echo: Echo) -> None:
+    from amygdala.training.checkpoint.schedule import SYNC_DELAY_S, SyncScheduler
     from amygdala.training.checkpoint.sync import CheckpointSyncer
     from amygdala.training.client import TrainingClient
-    from amygdala.training.checkpoint.schedule import SYNC_DELAY_S, SyncScheduler
 
-    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
-    scheduler.start()
-    services.scheduler = scheduler
-    services.on_close(lambda: scheduler.shutdown(wait=True))  # closers run newest first: this one last
     trainer = TrainingClient(services.lm, services.config, settings)
-    services.trainer = trainer
-    trainer.on_job_finished.append(lambda result: services.lm.invalidate_weights_hash() if result.steps_applied > 0 else None)
-    if services.lm.path is not None:
-        syncer = CheckpointSyncer(services.lm.path, services.lm.model, lock=services.lm.lock,
-                                  weights_version=lambda: trainer.weights_version)
-        sync = SyncScheduler(scheduler, syncer.sync, delay_s=SYNC_DELAY_S if sync_delay_s is None else sync_delay_s)
-        services.sync = sync
-        trainer.on_job_finished.append(lambda result: sync.notify_training_finished() if result.steps_applied > 0 else None)
-        services.on_close(sync.shutdown)  # final sync on clean shutdown, after the worker has stopped
-    else:
-        echo("amygdala: model has no directory on disk; checkpoint sync disabled")
+    try:
+        if services.lm.path is not None:
+            syncer = CheckpointSyncer(services.lm.path, services.lm.model, lock=services.lm.lock,
+                                      weights_version=lambda: trainer.weights_version)
+            sync = SyncScheduler(services.scheduler, syncer.sync,
+                                 delay_s=SYNC_DELAY_S if sync_delay_s is None else sync_delay_s)
+            services.sync = sync
+            trainer.on_job_finished.append(
+                lambda result: sync.notify_training_finished() if result.steps_applied > 0 else None)
+            services.on_close(sync.shutdown)  # registered before trainer.close, so it runs after the worker stopped
+        else:
+            echo("amygdala: model has no directory on disk; checkpoint sync disabled")
+    except BaseException:
+        trainer.close()
+        raise
     services.on_close(trainer.close)
+    services.attach_trainer(trainer)

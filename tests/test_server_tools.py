@@ -95,7 +95,7 @@ def test_test_steering(svc):
     for args, needle in [
         ({"prompt": "x", "concepts": {"blorp": 0.5}}, "unknown concept 'blorp'"),
         ({"prompt": "x", "concepts": {}}, "concepts is empty"),
-        ({"prompt": "x", "concepts": {"cozy": 9.0}}, "within ±"),
+        ({"prompt": "x", "concepts": {"cozy": 9.0}}, "concepts.cozy must be less than or equal to 1"),
         ({"prompt": "x", "concepts": {"cozy": 0.5}, "max_new_tokens": 17}, "limit of 16"),
         ({"prompt": "x", "concepts": {"cozy": 0.5}, "layers": [9]}, "available layers"),
         ({"prompt": "x", "concepts": {"cozy": 0.5}, "positions": "middle"}, "positions"),
@@ -205,3 +205,41 @@ def test_start_services_builds_a_missing_readout_in_the_background(tmp_path, tin
         assert not r.is_error, r.content
     finally:
         svc.close()
+
+
+def test_limits_are_in_the_input_schemas(svc):
+    async def go():
+        async with Client(build_mcp(svc)) as c:
+            return {t.name: t.input_schema for t in (await c.list_tools()).tools}
+
+    schemas = anyio.run(go)
+    lim = svc.limits
+    read = schemas["read_emotions"]["properties"]
+    assert read["text"]["maxLength"] == lim.max_text_chars and read["top_k"]["maximum"] == lim.max_top_k
+    steer = schemas["test_steering"]["properties"]
+    assert steer["concepts"]["maxProperties"] == lim.max_concepts and steer["concepts"]["minProperties"] == 1
+    assert steer["concepts"]["additionalProperties"]["maximum"] == 1.0
+    new_tokens = steer["max_new_tokens"]["anyOf"][0]
+    assert new_tokens["maximum"] == lim.max_new_tokens
+    assert steer["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
+    corr = schemas["submit_correction"]["properties"]
+    assert corr["context"]["maxLength"] == lim.max_correction_chars
+    assert all(s.get("additionalProperties") is False for s in schemas.values())
+
+
+def test_unknown_argument_is_refused_naming_it(svc):
+    r = call(svc, "read_emotions", {"text": "hello", "top-k": 3})
+    assert r.is_error and "unknown argument 'top-k'" in r.content[0].text and "top_k" in r.content[0].text
+    r = call(svc, "test_steering", {"prompt": "x", "concepts": {"cozy": 0.5}, "seed": 2**63})
+    assert r.is_error and "seed must be less than or equal to 9223372036854775807" in r.content[0].text
+
+
+def test_an_internal_error_is_reported_as_ours_not_the_callers(svc, monkeypatch):
+    def boom(*a, **k):
+        raise KeyError("layer_7.vectors")  # a bug, not a bad argument
+
+    monkeypatch.setattr(svc.readout, "read_ids", boom)
+    r = call(svc, "read_emotions", {"text": "a warm blanket"})
+    text = r.content[0].text
+    assert r.is_error and "internal error in read_emotions (KeyError)" in text and "not in your call" in text
+    assert "layer_7" not in text

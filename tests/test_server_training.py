@@ -28,7 +28,7 @@ def test_train_now_queues_a_job_that_changes_the_served_weights(tmp_path, readou
 
     lm = tiny_model(seed=0)  # its own copy: the worker moves it to shared memory
     svc = tiny_services(lm, tmp_path, readout_dir)
-    svc.trainer = TrainingClient(lm, svc.config, TrainSettings(lr=1e-3, progress=False))
+    svc.attach_trainer(TrainingClient(lm, svc.config, TrainSettings(lr=1e-3, progress=False)))
     svc.on_close(svc.trainer.close)
     try:
         before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -54,7 +54,7 @@ def test_train_now_queues_a_job_that_changes_the_served_weights(tmp_path, readou
                 return (await c.call_tool("train_status", {})).structured_content
 
         st = anyio.run(status)
-        assert st["enabled"] and st["worker"]["worker_alive"] and st["worker"]["jobs_finished"] == 1 and st["corrections"] == {"queued": 1}
+        assert st["enabled"] and st["worker"]["alive"] and st["worker"]["jobs_finished"] == 1 and st["corrections"] == {"trained": 1}
     finally:
         svc.close()
 

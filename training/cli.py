@@ -138,10 +138,15 @@ def submit(
         if context is None or preferred is None:
             echo_err("error: text mode needs --context and --preferred (and optionally --rejected)")
             raise typer.Exit(2)
-        tok = _tokenizer(home, model)
-        ctx = tok(context, add_special_tokens=True)["input_ids"]
-        cont = tok(preferred, add_special_tokens=False)["input_ids"]
-        rej = tok(rejected, add_special_tokens=False)["input_ids"] if rejected is not None else None
+        from .examples import tokenize_example
+        from .schemas import JobRejected
+
+        try:
+            ex = tokenize_example(_tokenizer(home, model), context, preferred, rejected)
+        except JobRejected as exc:
+            echo_err(f"error: {exc}")
+            raise typer.Exit(2) from None
+        ctx, cont, rej = ex.context_ids, ex.continuation_ids, ex.rejected_ids
     else:
         ctx, cont, rej = _ids(context_ids), _ids(continuation_ids), _ids(rejected_ids)
         if ctx is None or cont is None:

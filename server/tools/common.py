@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -13,33 +14,47 @@ from mcp.server.mcpserver.exceptions import ToolError
 from ..services import Services
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def services(ctx: Context) -> Services:
     return ctx.request_context.lifespan_context
 
 
-@contextmanager
-def tool_errors() -> Iterator[None]:
-    """Anticipated failures become ToolErrors whose message the agent reads and can act on.
-
-    (The MCP SDK hides the text of any other exception from the client, so every error a caller
-    could fix must pass through here.)
-    """
+def caller_errors() -> tuple[type[BaseException], ...]:
+    """The project's own error types: each means "the call was wrong" and its message says how to fix it."""
+    from amygdala.dream.errors import DreamError
+    from amygdala.engine.model import ModelError
     from amygdala.engine.readout import ReadoutError
     from amygdala.engine.steering import SteeringError
     from amygdala.engine.tokens import TextError
+    from amygdala.memory_graph.errors import MemoryGraphError
+    from amygdala.training.schemas import JobRejected, WorkerUnavailable
 
     from ..services import ReadoutNotReady
 
+    return (TextError, SteeringError, ReadoutError, ModelError, ReadoutNotReady, MemoryGraphError, JobRejected,
+            WorkerUnavailable, DreamError)
+
+
+@contextmanager
+def tool_errors(tool: str = "tool") -> Iterator[None]:
+    """The project's own errors become ToolErrors whose message the agent reads and can act on.
+
+    Anything else is a bug on our side, not in the call: it is logged with its traceback and the
+    agent is told so, instead of being handed a message (e.g. a bare KeyError) it would mistake
+    for advice about its arguments.
+    """
     try:
         yield
     except ToolError:
         raise
-    except (TextError, SteeringError, ReadoutError, ReadoutNotReady, ValueError) as exc:
+    except caller_errors() as exc:
         raise ToolError(str(exc)) from exc
-    except KeyError as exc:
-        raise ToolError(str(exc.args[0]) if exc.args else str(exc)) from exc
+    except Exception as exc:
+        log.exception("internal error in %s", tool)
+        raise ToolError(f"internal error in {tool} ({type(exc).__name__}); the server logged the traceback. "
+                        "This is a bug in amygdala, not in your call: retrying will not help, please report it") from exc
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:

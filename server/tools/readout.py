@@ -1,6 +1,5 @@
 """read_emotions and list_concepts, plus the readout manifest and concept list as resources."""
 
-from __future__ import annotations
 
 import json
 from typing import Annotated
@@ -16,28 +15,22 @@ from ..services import Services
 from .common import on_engine, services, tool_errors
 
 
-def concept_infos(svc) -> list[ConceptInfo]:
-    """Readout concepts with the manifest's metadata (computed once per server)."""
-    if "concept_infos" in svc.extras:
-        return svc.extras["concept_infos"]
-    from amygdala.corpus import load_manifest
-
-    meta = load_manifest().by_id
-    out = []
-    for c, fam in zip(svc.readout.concepts, svc.readout.manifest.families):
-        e = meta.get(c)
-        out.append(ConceptInfo(concept=c, name=e.name if e else c, family=fam, valence=e.valence if e else 0.0,
-                               arousal=e.arousal if e else 0.0, note=e.note if e else ""))
-    svc.extras["concept_infos"] = out
-    return out
+def concept_infos(svc: Services) -> list[ConceptInfo]:
+    return [ConceptInfo(concept=c, name=m.name, family=m.family, valence=m.valence, arousal=m.arousal, note=m.note)
+            for c, m in zip(svc.readout.concepts, svc.concept_meta())]
 
 
 def register(mcp: MCPServer, svc_static: Services) -> None:
+    lim = svc_static.limits
+
     @mcp.tool(title="Read emotions", annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     async def read_emotions(
-        text: Annotated[str, Field(description="Text to read (e.g. your last reply or the conversation so far).")],
+        text: Annotated[str, Field(max_length=lim.max_text_chars,
+                                   description=f"Text to read (e.g. your last reply or the conversation so far); at most "
+                                               f"{lim.max_text_chars} characters and {lim.max_text_tokens} tokens: send the "
+                                               "most recent part of a longer text.")],
         ctx: Context,
-        top_k: Annotated[int, Field(ge=1, le=50, description="How many concepts to return.")] = 10,
+        top_k: Annotated[int, Field(ge=1, le=lim.max_top_k, description="How many concepts to return.")] = 10,
         layers: Annotated[list[int] | None, Field(description="Decoder layers to read; default: the validated default layers.")] = None,
         per_token: Annotated[bool, Field(description="Also return the top 3 concepts at every token.")] = False,
     ) -> ReadEmotionsResult:
@@ -47,14 +40,9 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         standard deviations above it), averaged over the readout's default layers.
         """
         svc = services(ctx)
-        lim = svc.limits
         if not text.strip():
             raise ToolError("text is empty or whitespace-only; pass the text whose emotional content you want read")
-        if len(text) > lim.max_text_chars:
-            raise ToolError(f"text is {len(text)} characters, over the limit of {lim.max_text_chars}; read the last part "
-                            "(the most recent turns) or split it into several calls")
-        top_k = min(top_k, lim.max_top_k)
-        with tool_errors():
+        with tool_errors("read_emotions"):
             r = svc.readout
             chosen = r.check_layers(layers)
 
@@ -80,7 +68,7 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
     ) -> ListConceptsResult:
         """The emotion concepts the readout and steering know, with family, valence, arousal and notes."""
         svc = services(ctx)
-        with tool_errors():
+        with tool_errors("list_concepts"):
             infos = concept_infos(svc)
         families = sorted({i.family for i in infos})
         if family is not None:

@@ -257,6 +257,17 @@ def test_rate_below_threshold_certifies_at_most_alpha(p, seed):
     assert rate <= ALPHA, f"p={p}: certified {rate:.3%} of {RUNS} runs (must be <= 5%)"
 
 
+def test_at_the_threshold_the_exact_martingale_still_crosses_at_most_alpha():
+    # At p = threshold the certification evidence is an exact martingale, the worst case for Ville's
+    # bound (about 3.6% here over 400 cases); twice the evidence (alpha 0.1 in effect) gives 7%+.
+    x = coins(THRESHOLD, 100)
+    rate = (sequential_batch(x, THRESHOLD).verdicts == "certified").mean()
+    assert rate <= ALPHA, f"p=threshold: certified {rate:.3%} of {RUNS} runs (must be <= 5%)"
+    s = np.cumsum(x, axis=1)
+    doubled = bounds._log_above(s, np.arange(1, N_MAX + 1) - s, THRESHOLD, THRESHOLD) + math.log(2)
+    assert (doubled >= -math.log(ALPHA)).any(axis=1).mean() > ALPHA  # the check can fail
+
+
 def test_naive_peeking_breaks_the_same_check():
     # The harness can fail: stopping at the first fixed-n crossing certifies far more than 5% at p=0.79.
     x = coins(0.79, 101)

@@ -68,7 +68,7 @@ Side = Literal["lower", "upper", "two-sided"]
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_N_MAX = 400  # near the threshold the sequential test needs a few hundred cases (see the benchmark)
-MAX_N_MAX = 1_000_000  # far beyond any run of judged cases; keeps the closed forms clear of underflow
+MAX_N_MAX = 1_000_000  # far beyond any run of judged cases (each one is a generation plus a judgement)
 
 FIXED: Method = "clopper-pearson"
 SEQUENTIAL: Method = "beta-binomial-mixture"

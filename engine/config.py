@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from amygdala.home import DEFAULT_HOME, HOME_ENV
+from amygdala.home import DEFAULT_HOME, HOME_ENV, HomeLock
 
 EMBEDDED_MODEL = "embedded"
 
@@ -77,6 +77,10 @@ class Config(BaseModel):
     @property
     def scheduler_db(self) -> Path:
         return self.home / "scheduler.sqlite"
+
+    def home_lock(self) -> HomeLock:
+        """The lock its one owner (the daemon) holds for its whole life."""
+        return HomeLock(self.home)
 
     @property
     def is_embedded(self) -> bool:

@@ -7,9 +7,6 @@ time. Request bodies over the limit are refused with 413 before they are read.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import json
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,86 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
+from amygdala.training.http_security import BearerAuth, BodyLimit, InsecureBind, check_bind, is_loopback
+
 from .services import Services
 
-
-class InsecureBind(ValueError):
-    pass
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, token: str | None) -> None:
-    if not is_loopback(host) and not token:
-        raise InsecureBind(f"refusing to listen on {host} without a bearer token: anyone who can reach it could read, "
-                           "steer and train the model. Pass --token (or set AMYGDALA_TOKEN), or bind 127.0.0.1.")
-
-
-async def _send_json(send: Any, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": data})
-
-
-class BearerAuth:
-    """Pure-ASGI middleware: every HTTP request needs the token (streaming responses stay untouched)."""
-
-    def __init__(self, app: Any, token: str):
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            got = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                await _send_json(send, 401, {"error": "missing or wrong bearer token: send 'Authorization: Bearer <token>'"},
-                                 [(b"www-authenticate", b'Bearer realm="amygdala"')])
-                return
-        await self.app(scope, receive, send)
-
-
-class BodyLimit:
-    """Refuse bodies over `limit` bytes: by Content-Length up front, and by counting chunked bodies."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await _send_json(send, 413, {"error": f"request body of {int(length)} bytes is over the limit of {self.limit} bytes"})
-            return
-        seen = 0
-
-        async def counted() -> Any:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _send_json(send, 413, {"error": f"request body over the limit of {self.limit} bytes"})
-
-
-class _TooLarge(Exception):
-    pass
+__all__ = ["InsecureBind", "check_bind", "create_http_app", "is_loopback"]
 
 
 class LifecycleTraining:

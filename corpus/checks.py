@@ -83,6 +83,10 @@ def check_corpus(corpus: "Corpus", min_stories: int = MIN_STORIES, word_range: t
         named = m.by_id[t.emotion].named_in(t.text)
         if named:
             out.append(Violation(t.path, "names-emotion", f"text for {t.emotion!r} names it: {', '.join(named)}; show it through situation, body, thought and action instead"))
+        words = m.by_id[t.emotion].name_words_in(t.text)
+        if words:
+            out.append(Violation(t.path, "names-emotion-word", f"text for {t.emotion!r} uses a word of its name "
+                                 f"{m.by_id[t.emotion].name!r}: {', '.join(words)}; reword it so the emotion shows without the word"))
         if word_range is not None and t.kind == "story":
             n = len(t.text.split())
             if not word_range[0] <= n <= word_range[1]:

@@ -66,6 +66,38 @@ class Emotion(BaseModel):
         """The words in `text` that name this emotion (empty when the text is clean)."""
         return sorted({m.group(0) for m in self.forbidden_pattern.finditer(text)})
 
+    @cached_property
+    def name_words(self) -> tuple[str, ...]:
+        """The content words of a multi-word name ("self-conscious" -> "conscious"); empty for one word.
+
+        A compound name leaks through any one of its words: a story for self-conscious that says
+        "conscious" teaches the readout the word. Function words and "self" (see NAME_STOP_WORDS)
+        are too common to forbid.
+        """
+        parts = [w for w in re.split(r"[\s-]+", self.name.lower()) if w]
+        if len(parts) < 2:
+            return ()
+        return tuple(w for w in parts if w not in NAME_STOP_WORDS)
+
+    @cached_property
+    def name_words_pattern(self) -> re.Pattern[str] | None:
+        forms = sorted({re.escape(f) for w in self.name_words for f in _inflections(w)})
+        if not forms:
+            return None
+        return re.compile(r"(?<![\w-])(?:" + "|".join(forms) + r")(?![\w])", re.IGNORECASE)
+
+    def name_words_in(self, text: str) -> list[str]:
+        """Words of a multi-word name (with their inflections) that occur in `text` on their own."""
+        if self.name_words_pattern is None:
+            return []
+        return sorted({m.group(0) for m in self.name_words_pattern.finditer(text)})
+
+
+# Words of a compound emotion name that are not checked on their own: function words, and "self",
+# which every self-* name shares and ordinary prose needs.
+NAME_STOP_WORDS = frozenset({"a", "an", "and", "at", "by", "for", "in", "into", "no", "of", "on", "out", "self",
+                             "the", "to", "up", "with"})
+
 
 def _inflections(name: str) -> list[str]:
     name = name.lower()

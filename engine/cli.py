@@ -45,10 +45,15 @@ def echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def load_or_exit(config: Config):
-    """Load the model, turning a ModelError into a one-line message and exit code 2."""
+def load_or_exit(config: Config, announce: bool = False):
+    """Load the model, turning a ModelError into a one-line message and exit code 2.
+
+    announce: say so on stderr first (slow commands: the load takes seconds and prints nothing).
+    """
     from .model import ModelError, load_model
 
+    if announce:
+        echo_err(f"amygdala: loading {'the embedded Gemma 3 270M' if config.is_embedded else config.model} ...")
     try:
         return load_model(config, echo=echo_err)
     except ModelError as exc:
@@ -77,24 +82,33 @@ def info(home: HomeOpt = None, model: ModelOpt = None, as_json: bool = typer.Opt
 def generate_cmd(
     prompt: str = typer.Argument(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=4096),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    temperature: float = typer.Option(0.0, min=0.0, max=2.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, min=0, max=2**63 - 1, help="Sampling seed (0 to 2^63-1)."),
     as_json: bool = typer.Option(False, "--json"),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
 ) -> None:
     """Generate a continuation (greedy by default, seedable when sampling)."""
-    from .generation import generate
-    from .tokens import TextError, encode
+    from tqdm import tqdm
 
+    from .generation import generate
+    from .tokens import TextError, check_text, encode
+
+    try:
+        check_text(prompt, "prompt")  # before the model loads
+    except TextError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
     cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
-    lm = load_or_exit(cfg)
+    lm = load_or_exit(cfg, announce=True)
     try:
         ids = encode(lm.tokenizer, prompt, cfg.max_tokens, cfg.truncation, what="prompt")
     except TextError as exc:
         echo_err(f"error: {exc}")
         raise typer.Exit(2) from None
-    res = generate(lm, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with tqdm(total=max_new_tokens, desc="generate", unit="tok", dynamic_ncols=True) as bar:
+        res = generate(lm, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       on_token=lambda _: bar.update(1))
     if as_json:
         typer.echo(json.dumps({"prompt": prompt, "text": res.text, "tokens": len(res.token_ids), "finish_reason": res.finish_reason}))
     else:

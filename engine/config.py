@@ -75,6 +75,10 @@ class Config(BaseModel):
         return self.home / "optimizer"
 
     @property
+    def certificates_dir(self) -> Path:
+        return self.home / "certificates"
+
+    @property
     def scheduler_db(self) -> Path:
         return self.home / "scheduler.sqlite"
 

@@ -75,12 +75,14 @@ def generate(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 64, t
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              layer_fns: dict[int, ResidualFn] | None = None, state: DecodeState | None = None,
              capture_layers: list[int] | None = None, on_residuals: ResidualCallback | None = None,
-             read_last: bool = False, stop_at_eos: bool = True) -> GenerationResult:
+             read_last: bool = False, stop_at_eos: bool = True,
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate from token ids. Greedy when temperature == 0; sampled runs are reproducible per seed.
 
     layer_fns modify residuals (steering); capture_layers + on_residuals observe them (readout),
     and observation sees the already-modified residual. With read_last, one extra forward feeds
-    the final token so its residual is observed too.
+    the final token so its residual is observed too. on_token(id) is called after each sampled
+    token (progress bars).
     """
     if not prompt_ids:
         raise ValueError("prompt is empty; pass at least one token")
@@ -121,6 +123,8 @@ def generate(lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int = 64, t
             logps.append(float(torch.log_softmax(logits.float(), -1)[tok]))
             out.append(tok)
             state.step = step + 1
+            if on_token is not None:
+                on_token(tok)
             if tok in stops:
                 finish = "eos"
                 break

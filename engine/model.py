@@ -141,15 +141,19 @@ class LoadedModel:
         return sorted({int(i) for i in layers})
 
     def weights_hash(self, refresh: bool = False) -> str:
-        """sha256 over parameter names and bytes: identifies the weights a readout was trained on."""
+        """sha256 over parameter names and bytes, first 16 hex digits: identifies the weights a readout was trained on."""
+        return self.weights_sha256(refresh)[:16]
+
+    def weights_sha256(self, refresh: bool = False) -> str:
+        """The full sha256 behind weights_hash (certificates record all of it); cached until invalidated."""
         if self._weights_hash is None or refresh:
             h = hashlib.sha256()
             with torch.no_grad():
                 for name, p in sorted(self.model.state_dict().items()):
                     h.update(name.encode())
                     t = p.detach().contiguous().cpu()
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            self._weights_hash = h.hexdigest()[:16]
+                    h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+            self._weights_hash = h.hexdigest()
         return self._weights_hash
 
     def invalidate_weights_hash(self) -> None:

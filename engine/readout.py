@@ -45,6 +45,8 @@ TENSORS_FILE = "readout.safetensors"
 MANIFEST_FILE = "readout.json"
 PER_LAYER = ("vectors", "directions", "center", "scale", "score_mean", "score_std", "residual_norm")
 CALIBRATION = ("calib_tokens", "calib_mean", "calib_std")  # optional: length-calibrated statistics
+PROBE = "probe"  # optional, default layers only: pooled residuals of the drift probe texts at fit time
+HALF_OK = ("vectors", "directions")  # the only tensors that may be stored as float16 (see ReadoutManifest.storage)
 DEFAULT_WINDOW = 64
 
 
@@ -86,6 +88,12 @@ class ReadoutManifest(BaseModel):
     corpus_hash: str = ""
     created: float = Field(default_factory=time.time)
     validation: dict = Field(default_factory=dict)
+    storage: dict[str, str] = Field(default_factory=dict, description=(
+        "tensor name -> on-disk dtype where it is not float32 ('float16' for vectors/directions of a shipped "
+        "readout); loaded as float32"))
+    drift_probe: list[list[int]] = Field(default_factory=list, description=(
+        "token ids of the neutral probe texts whose pooled residuals at fit time are stored as layer_<l>.probe; "
+        "re-reading them shows how far the served weights drifted from these"))
 
 
 @dataclass
@@ -100,6 +108,7 @@ class LayerReadout:
     calib_tokens: torch.Tensor | None = None  # (K,) ascending pooled-token counts, last = full texts
     calib_mean: torch.Tensor | None = None  # (K, C) score mean when that many tokens are pooled
     calib_std: torch.Tensor | None = None  # (K, C)
+    probe: torch.Tensor | None = None  # (P, H) drift-probe pooled residuals at fit time (default layers)
 
     def scores_raw(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) pooled residuals -> (..., C) projections before normalisation (s in the formula)."""
@@ -185,23 +194,32 @@ class ReadoutManager:
         return sorted(set(layers))
 
     # -- files -------------------------------------------------------------------------------
-    def save(self, directory: Path) -> Path:
-        """Write readout.safetensors + readout.json atomically (temp files, fsync, rename)."""
+    def save(self, directory: Path, half: tuple[str, ...] = ()) -> Path:
+        """Write readout.safetensors + readout.json atomically (temp files, fsync, rename).
+
+        `half` names tensors (of HALF_OK) stored as float16, recorded in the manifest's `storage`;
+        they load as float32. Statistics always stay float32: z-scores divide by them.
+        """
         from safetensors.torch import save_file
 
         from amygdala.fsio import atomic_write, replace_durably
 
+        bad = sorted(set(half) - set(HALF_OK))
+        if bad:
+            raise ValueError(f"only {HALF_OK} may be stored as float16, not {bad}")
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, lr in self.layers.items():
-            for name in PER_LAYER + CALIBRATION:
+            for name in PER_LAYER + CALIBRATION + (PROBE,):
                 t = getattr(lr, name)
                 if t is not None:
-                    tensors[f"layer_{i}.{name}"] = t.detach().to(torch.float32).contiguous()
+                    dtype = torch.float16 if name in half else torch.float32
+                    tensors[f"layer_{i}.{name}"] = t.detach().to(dtype).contiguous()
+        manifest = self.manifest.model_copy(update={"storage": {n: "float16" for n in sorted(set(half))}})
         tmp = directory / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "amygdala-readout", "version": str(FORMAT_VERSION)})
         replace_durably(tmp, directory / TENSORS_FILE)
-        atomic_write(directory / MANIFEST_FILE, self.manifest.model_dump_json(indent=2).encode())
+        atomic_write(directory / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
         return directory
 
     @classmethod
@@ -229,6 +247,9 @@ class ReadoutManager:
             raise ReadoutError(f"{mpath}: format version {manifest.format_version}, this amygdala reads {FORMAT_VERSION}; retrain the readout")
         if manifest.dtype != "float32":
             raise ReadoutError(f"{mpath}: dtype {manifest.dtype!r} not supported (float32 only)")
+        odd = {n: d for n, d in manifest.storage.items() if n not in HALF_OK or d not in ("float16", "float32")}
+        if odd:
+            raise ReadoutError(f"{mpath}: storage {odd} not supported; only {HALF_OK} may be stored as float16")
         layers: dict[int, LayerReadout] = {}
         try:
             with safe_open(str(tpath), framework="pt") as fh:
@@ -243,9 +264,13 @@ class ReadoutManager:
                         raise ReadoutError(f"{tpath}: layer {i} has only part of the length calibration {CALIBRATION}")
                     if all(calib):
                         parts.update({n: fh.get_tensor(f"layer_{i}.{n}") for n in CALIBRATION})
+                    if f"layer_{i}.{PROBE}" in keys:
+                        parts[PROBE] = fh.get_tensor(f"layer_{i}.{PROBE}")
                     for n, t in parts.items():
-                        if t.dtype != torch.float32:
-                            raise ReadoutError(f"{tpath}: layer_{i}.{n} is {t.dtype}, manifest says float32")
+                        want = manifest.storage.get(n, "float32")
+                        if t.dtype != getattr(torch, want):
+                            raise ReadoutError(f"{tpath}: layer_{i}.{n} is {t.dtype}, manifest says {want}")
+                        parts[n] = t.to(torch.float32)
                     layers[i] = LayerReadout(**parts)
                 extra = sorted({k.split(".")[0] for k in keys} - {f"layer_{i}" for i in manifest.layers})
                 if extra:
@@ -309,13 +334,21 @@ class ReadoutManager:
         return self.score_pooled(res.pooled[self.pooling], layers, torch.tensor([len(q) for q in seqs]))
 
     def read_tokens(self, text: str, layers: list[int] | None = None) -> tuple[list[str], torch.Tensor]:
-        """(token strings, (T, C) scores) where row t is the readout of the text up to token t."""
+        """(token strings, (T, C) scores) where row t is the readout of the text up to token t.
+
+        BOS is left out: the text up to BOS is no text, and BOS's residual is an outlier that
+        scored 17-26 on every concept. Its residual still runs through the model, as always.
+        """
         lm = self._need_lm()
         layers = self.check_layers(layers)
         seq = self.encode(text)
         acts = token_activations(lm, seq, layers)
         tokens = [lm.tokenizer.decode([t]) for t in seq]
-        return tokens, self.score_windowed(acts, layers)
+        scores = self.score_windowed(acts, layers)
+        bos = getattr(lm.tokenizer, "bos_token_id", None)
+        if bos is not None and seq and seq[0] == bos:
+            return tokens[1:], scores[1:]
+        return tokens, scores
 
     def score_windowed(self, acts: dict[int, torch.Tensor], layers: list[int]) -> torch.Tensor:
         """(T, C) scores of each prefix from per-token residuals {layer: (T, H)}, as decoding sees them."""
@@ -419,6 +452,10 @@ def _check_consistent(manifest: ReadoutManifest, layers: dict[int, LayerReadout]
                 raise ReadoutError(f"{where}: layer_{i}.{name} contains NaN or inf; retrain the readout")
         if (lr.score_std <= 0).any() or (lr.scale <= 0).any():
             raise ReadoutError(f"{where}: layer_{i} has non-positive scale or score_std")
+        if lr.probe is not None and (lr.probe.ndim != 2 or lr.probe.shape[1] != h
+                                     or lr.probe.shape[0] != len(manifest.drift_probe)):
+            raise ReadoutError(f"{where}: layer_{i}.probe has shape {tuple(lr.probe.shape)}, expected "
+                               f"({len(manifest.drift_probe)}, {h}) (one row per drift_probe text)")
         if lr.calib_tokens is not None:
             k = lr.calib_tokens.shape[0] if lr.calib_tokens.ndim == 1 else -1
             if k < 2 or tuple(lr.calib_mean.shape) != (k, c) or tuple(lr.calib_std.shape) != (k, c):
@@ -435,12 +472,43 @@ def readout_dir(readouts_root: Path, lm: "LoadedModel") -> Path:
     Local models get a hash of their resolved path in the name, so two different `model/`
     directories never share (and silently misuse) one readout.
     """
+    return readouts_root / readout_dir_name(lm.name, lm.path)
+
+
+def readout_dir_name(name: str, path: Path | None) -> str:
+    """The directory name of `readout_dir`, from the model's name and path alone (no model needed)."""
     import hashlib
 
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in lm.name.split(" ")[0])
-    if lm.path is not None and "(embedded)" not in lm.name:
-        safe += "-" + hashlib.sha256(str(Path(lm.path).resolve()).encode()).hexdigest()[:8]
-    return readouts_root / safe
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.split(" ")[0])
+    if path is not None and "(embedded)" not in name:
+        safe += "-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+    return safe
+
+
+def expected_readout_dir(config) -> Path | None:
+    """The default readout directory of config's model, found without loading the model.
+
+    Lets slow commands check concept names before a multi-second model load; None when the model
+    path does not exist (the load then reports that).
+    """
+    from .embedded import EMBEDDED_NAME
+
+    if config.is_embedded:
+        return config.readouts_dir / readout_dir_name("gemma-3-270m (embedded)", config.models_dir / EMBEDDED_NAME)
+    path = Path(config.model).expanduser()
+    if not path.is_dir():
+        return None
+    return config.readouts_dir / readout_dir_name(path.name, path)
+
+
+def read_manifest(directory: Path | str) -> ReadoutManifest | None:
+    """A readout directory's readout.json alone (no tensors, no model), or None when absent or unreadable."""
+    path = Path(directory)
+    path = path if path.suffix == ".json" else (path.parent if path.suffix == ".safetensors" else path) / MANIFEST_FILE
+    try:
+        return ReadoutManifest.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_readout(lm: "LoadedModel", config, readout_path: Path | None = None,

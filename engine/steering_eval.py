@@ -30,6 +30,7 @@ class SideResult(BaseModel):
     scores: dict[str, float | None]
     tokens: int
     perplexity: float | None
+    score_note: str | None = None  # why the scores are null, when they are
 
 
 class SteeringComparison(BaseModel):
@@ -46,10 +47,25 @@ class SteeringComparison(BaseModel):
 
 def reread(readout: "ReadoutManager", text: str, concepts: Sequence[str]) -> dict[str, float | None]:
     """Unsteered readout of `text` for `concepts` (None when the text is empty)."""
-    if not text.strip():
+    if unreadable(text) is not None:
         return {c: None for c in concepts}
     s = readout.read([text])[0].combined
     return {c: round(float(s[readout.concept_index(c)]), 4) for c in concepts}
+
+
+def unreadable(text: str, finish_reason: str | None = None, tokens: int | None = None) -> str | None:
+    """Why a continuation has no score (None when it can be read): said next to its null scores."""
+    from .tokens import only_control
+
+    if not text:
+        if finish_reason == "eos" and tokens == 1:
+            return "no score: the model ended the continuation at once (end-of-sequence as its first token), so there is no text to read"
+        return "no score: the continuation decoded to no text (only special tokens), so there is nothing to read"
+    if not text.strip():
+        return "no score: the continuation is whitespace only, so there is nothing to read"
+    if only_control(text):
+        return "no score: the continuation has only control or invisible characters, so there is nothing to read"
+    return None
 
 
 def perplexity(lm: "LoadedModel", prompt_ids: list[int], continuation_ids: list[int]) -> float | None:
@@ -63,7 +79,8 @@ def _side(lm, readout, prompt_ids, plan, concepts, **gen) -> SideResult:
     res = generate_steered(lm, prompt_ids, plan, **gen)
     ids = [t for t in res.token_ids]
     return SideResult(text=res.text, scores=reread(readout, res.text, concepts), tokens=len(ids),
-                      perplexity=perplexity(lm, prompt_ids, ids))
+                      perplexity=perplexity(lm, prompt_ids, ids),
+                      score_note=unreadable(res.text, res.finish_reason, len(ids)))
 
 
 def compare(lm: "LoadedModel", readout: "ReadoutManager", prompt: str, concepts: dict[str, float],

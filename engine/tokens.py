@@ -19,7 +19,22 @@ def check_text(text: object, what: str = "text") -> str:
         raise TextError(f"{what} must be a string, got {type(text).__name__}")
     if not text.strip():
         raise TextError(f"{what} is empty or whitespace-only; pass the text to read (at least one non-space character)")
+    if only_control(text):
+        first = next(ch for ch in text if not ch.isspace())
+        raise TextError(f"{what} has only control or invisible format characters (e.g. U+{ord(first):04X}), no "
+                        "readable text; pass the text itself (at least one letter, digit, mark or symbol)")
     return text
+
+
+def only_control(text: str) -> bool:
+    """True when every character is whitespace or a control, format, surrogate, private-use or unassigned one.
+
+    Such input (NUL bytes, zero-width joiners, a BOM) tokenizes to something, and the readout would
+    score it as if it were text; it is refused instead.
+    """
+    import unicodedata
+
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text)
 
 
 def encode(tokenizer: object, text: str, max_tokens: int, truncation: TruncationPolicy = "error",

@@ -10,8 +10,9 @@ from .errors import (CorruptGraphError, IdempotencyConflictError, InvalidInputEr
                      LockTimeoutError, MalformedTagLinesError, MemoryGraphError, NodeNotFoundError, TornTailWarning)
 from .extract import (EmotionExample, EmotionThreshold, ExtractionResult, OrpoTriplet, correction_triplets,
                       emotion_examples, extract_training_pairs)
-from .models import (CORRECTION_STATUSES, EDGE_KINDS, EDGE_RULES, NODE_KINDS, STATUS_TRANSITIONS, Certificate,
-                     Correction, CorrectionStatus, Edge, EdgeKind, Invariant, JudgeSpec, Memory, Node, NodeKind,
+from .models import (CORRECTION_STATUSES, CYCLE_OUTCOMES, EDGE_KINDS, EDGE_RULES, NODE_KINDS, STATUS_TRANSITIONS,
+                     Certificate, Correction, CorrectionStatus, CycleOutcome, CyclePhase, DreamCycle, Edge, EdgeKind,
+                     Invariant, JudgeSpec, Memory, Node, NodeKind,
                      Scenario, StatusChange)
 from .repair import RepairReport, repair
 from .sampling import ReplayConfig, ReplayItem, ReplayWeight, replay_weights, sample_for_replay
@@ -19,7 +20,8 @@ from .store import GraphStats, MemoryGraph, open_graph
 from .tags import TagLineError, TagParse, format_tag_line, parse_emotion_scores, parse_tag_lines, strip_tag_lines
 
 __all__ = [
-    "CORRECTION_STATUSES", "EDGE_KINDS", "EDGE_RULES", "NODE_KINDS", "STATUS_TRANSITIONS",
+    "CORRECTION_STATUSES", "CYCLE_OUTCOMES", "CycleOutcome", "CyclePhase", "DreamCycle", "EDGE_KINDS", "EDGE_RULES",
+    "NODE_KINDS", "STATUS_TRANSITIONS",
     "Certificate", "Correction", "CorrectionStatus", "CorruptGraphError", "Edge", "EdgeKind", "EmotionExample",
     "EmotionThreshold", "ExtractionResult", "GraphStats", "IdempotencyConflictError", "InvalidInputError",
     "InvalidTransitionError", "Invariant", "JudgeSpec", "LockTimeoutError", "MalformedTagLinesError", "Memory",

@@ -9,6 +9,7 @@ Node kinds and what later features use them for:
   pass-rate threshold a certificate must reach.
 * ``scenario``: one generated test case for an invariant.
 * ``certificate``: the statistics of one evaluation of an invariant on one model.
+* ``cycle``: one dream cycle (phase and progress while it runs, then outcome and measurements).
 
 Lifecycle fields (status, history, failure counts, revocation) change after creation; every other
 field is content, which is what an idempotent retry must match exactly.
@@ -25,8 +26,8 @@ from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Fiel
 
 from .tags import EMOTION_ID
 
-NodeKind = Literal["memory", "correction", "invariant", "scenario", "certificate"]
-NODE_KINDS: tuple[NodeKind, ...] = ("memory", "correction", "invariant", "scenario", "certificate")
+NodeKind = Literal["memory", "correction", "invariant", "scenario", "certificate", "cycle"]
+NODE_KINDS: tuple[NodeKind, ...] = ("memory", "correction", "invariant", "scenario", "certificate", "cycle")
 EdgeKind = Literal["about", "violates", "exemplifies", "derived_from", "certifies"]
 EDGE_KINDS: tuple[EdgeKind, ...] = ("about", "violates", "exemplifies", "derived_from", "certifies")
 CorrectionStatus = Literal["pending", "queued", "trained", "certified", "rolled_back"]
@@ -46,7 +47,7 @@ STATUS_TRANSITIONS: dict[str, tuple[str, ...]] = {
 # (allowed source kinds, allowed target kinds) per edge kind. Restricting endpoints keeps queries
 # like "corrections about invariant X" meaningful without checking kinds at every call site.
 EDGE_RULES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "about": (frozenset({"memory", "correction", "scenario"}), frozenset({"memory", "correction", "invariant"})),
+    "about": (frozenset({"memory", "correction", "scenario", "cycle"}), frozenset({"memory", "correction", "invariant"})),
     "violates": (frozenset({"memory", "correction", "scenario"}), frozenset({"invariant"})),
     "exemplifies": (frozenset({"memory", "correction", "scenario"}), frozenset({"invariant"})),
     "derived_from": (
@@ -58,6 +59,7 @@ EDGE_RULES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 _ID_PREFIX: dict[str, str] = {
     "memory": "mem", "correction": "cor", "invariant": "inv", "scenario": "scn", "certificate": "cert",
+    "cycle": "cyc",
 }
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 NodeId = Annotated[str, Field(pattern=NODE_ID_PATTERN)]
@@ -172,6 +174,12 @@ class Invariant(NodeBase):
     templates: tuple[NonBlank, ...] = ()
     threshold: float = Field(gt=0.0, le=1.0)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    spec: dict[str, JsonValue] | None = Field(
+        None, description="The whole invariant as written (cases, templates, judge): the dream loop reads it back.")
+    retired: bool = Field(False, description="Removed or replaced: kept for history, no longer tested or trained. "
+                                             "At most one invariant of a name is not retired.")
+
+    LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"retired"})
 
 
 class Scenario(NodeBase):
@@ -187,6 +195,19 @@ class Scenario(NodeBase):
     last_failure: AwareDatetime | None = None
 
     LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"failures", "last_failure"})
+
+
+ReviewDecision = Literal["approve", "reject"]
+
+
+class CertificateReview(_Model):
+    """One operator decision on a certificate: who, when, why. Reviews are only ever appended."""
+
+    decision: ReviewDecision
+    operator: NonBlank
+    reason: NonBlank
+    time: AwareDatetime
+    via: NonBlank = "cli"
 
 
 class Certificate(NodeBase):
@@ -212,8 +233,9 @@ class Certificate(NodeBase):
     details: dict[str, JsonValue] = Field(default_factory=dict)
     revoked: bool = False
     revoked_reason: str | None = None
+    reviews: tuple[CertificateReview, ...] = Field((), description="Operator decisions, oldest first (append-only).")
 
-    LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"revoked", "revoked_reason"})
+    LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({"revoked", "revoked_reason", "reviews"})
 
     @property
     def pass_rate(self) -> float:
@@ -234,11 +256,64 @@ class Certificate(NodeBase):
         return self
 
 
-Node = Annotated[Union[Memory, Correction, Invariant, Scenario, Certificate], Field(discriminator="kind")]
+CyclePhase = Literal["start", "baseline", "sample", "respond", "judge", "train", "evaluate", "rollback", "sync",
+                     "record", "done"]
+CycleOutcome = Literal["kept", "rolled_back", "no_failures", "interrupted", "failed", "dry_run"]
+CYCLE_OUTCOMES: tuple[CycleOutcome, ...] = ("kept", "rolled_back", "no_failures", "interrupted", "failed", "dry_run")
+
+
+class DreamCycle(NodeBase):
+    """One dream cycle: written when it starts, updated as it goes, finished with its outcome.
+
+    Content (fixed at start): who runs it (pid and the pid's start time, so a reused pid is not
+    mistaken for a live cycle), its seed and settings, and the weights hash it started from. All
+    the rest is lifecycle: the phase and progress while it runs (what a cycle killed mid-way leaves
+    behind for the next one to report), then the outcome, the measurements and the training stats.
+    The structured parts are plain JSON here (the graph imports nothing of ours); dream/loop.py
+    writes them from its typed report.
+    """
+
+    kind: Literal["cycle"] = "cycle"
+    pid: int = Field(ge=0)
+    pid_start: int | None = Field(None, description="The owner process's start time (clock ticks, /proc/PID/stat).")
+    host: str = ""
+    runner: NonBlank = Field("standalone", description="'standalone' (`amygdala dream --once`) or 'daemon'.")
+    seed: int = 0
+    dry_run: bool = False
+    settings: dict[str, JsonValue] = Field(default_factory=dict)
+    weights_before: str | None = None
+    finished: AwareDatetime | None = None
+    phase: CyclePhase = "start"
+    outcome: CycleOutcome | None = None
+    reason: str | None = None
+    progress: dict[str, JsonValue] = Field(default_factory=dict)
+    temperature: float | None = None
+    failure_rate: float | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    invariants: dict[str, JsonValue] = Field(default_factory=dict, description="Per invariant: held-out before/after.")
+    perplexity: dict[str, JsonValue] = Field(default_factory=dict)
+    training: dict[str, JsonValue] = Field(default_factory=dict)
+    triplets: list[JsonValue] = Field(default_factory=list)
+    cases: list[JsonValue] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    weights_after: str | None = Field(None, description="Hash right after training (before the keep/rollback decision).")
+    weights_final: str | None = Field(None, description="Hash the cycle left the weights at.")
+    details: dict[str, JsonValue] = Field(default_factory=dict)
+
+    LIFECYCLE_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "finished", "phase", "outcome", "reason", "progress", "temperature", "failure_rate", "counts", "invariants",
+        "perplexity", "training", "triplets", "cases", "timings", "weights_after", "weights_final", "details"})
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+
+Node = Annotated[Union[Memory, Correction, Invariant, Scenario, Certificate, DreamCycle], Field(discriminator="kind")]
 NODE_ADAPTER: TypeAdapter[Node] = TypeAdapter(Node)
 NODE_CLASSES: dict[str, type[NodeBase]] = {
     "memory": Memory, "correction": Correction, "invariant": Invariant, "scenario": Scenario,
-    "certificate": Certificate,
+    "certificate": Certificate, "cycle": DreamCycle,
 }
 
 

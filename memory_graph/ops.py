@@ -47,7 +47,10 @@ class MutationError(ValueError):
 
 @dataclass
 class Indexes:
-    """Lookups kept in step with the graph: idempotency key -> node id, invariant name -> id."""
+    """Lookups kept in step with the graph: idempotency key -> node id, invariant name -> id.
+
+    A name maps to its active (not retired) invariant when there is one, else to the newest retired one.
+    """
 
     keys: dict[str, str] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
@@ -59,8 +62,16 @@ class Indexes:
             if attrs.get("idempotency_key") is not None:
                 idx.keys[attrs["idempotency_key"]] = nid
             if attrs.get("kind") == "invariant":
-                idx.names[attrs["name"]] = nid
+                prev = idx.names.get(attrs["name"])
+                if prev is None or not attrs.get("retired") or graph.nodes[prev].get("retired"):
+                    idx.names[attrs["name"]] = nid
         return idx
+
+
+def _name_taken(graph: nx.MultiDiGraph, idx: Indexes, name: str, freed: set[str]) -> bool:
+    """Whether an active invariant has `name` (retired ones, and ones this record retires, do not count)."""
+    nid = idx.names.get(name)
+    return nid is not None and name not in freed and nid in graph and not graph.nodes[nid].get("retired")
 
 
 def check(graph: nx.MultiDiGraph, mutations: Sequence[Mutation], idx: Indexes) -> None:
@@ -73,6 +84,7 @@ def check(graph: nx.MultiDiGraph, mutations: Sequence[Mutation], idx: Indexes) -
     added: dict[str, str] = {}
     new_keys: set[str] = set()
     new_names: set[str] = set()
+    freed: set[str] = set()  # names whose active invariant this record retires
     for m in mutations:
         if isinstance(m, AddNode):
             nid = m.node.id
@@ -84,7 +96,7 @@ def check(graph: nx.MultiDiGraph, mutations: Sequence[Mutation], idx: Indexes) -
             if key is not None:
                 new_keys.add(key)
             if isinstance(m.node, Invariant):
-                if m.node.name in idx.names or m.node.name in new_names:
+                if _name_taken(graph, idx, m.node.name, freed) or m.node.name in new_names:
                     raise MutationError(f"an invariant named {m.node.name!r} already exists "
                                         f"({idx.names.get(m.node.name, nid)})")
                 new_names.add(m.node.name)
@@ -99,6 +111,12 @@ def check(graph: nx.MultiDiGraph, mutations: Sequence[Mutation], idx: Indexes) -
             if old.idempotency_key != m.node.idempotency_key or old.content() != m.node.content():
                 raise MutationError(f"node {nid}: only lifecycle fields "
                                     f"({', '.join(sorted(old.LIFECYCLE_FIELDS)) or 'none'}) may change")
+            if isinstance(old, Invariant) and isinstance(m.node, Invariant):
+                if old.retired and not m.node.retired:
+                    raise MutationError(f"invariant {nid} ({old.name!r}) is retired and stays retired; add it again "
+                                        "as a new invariant")
+                if m.node.retired and not old.retired:
+                    freed.add(old.name)
         else:
             e = m.edge
             kinds = []
@@ -125,7 +143,8 @@ def apply(graph: nx.MultiDiGraph, mutations: Sequence[Mutation], idx: Indexes) -
             graph.add_node(m.node.id, **m.node.payload())
             if m.node.idempotency_key is not None:
                 idx.keys[m.node.idempotency_key] = m.node.id
-            if isinstance(m.node, Invariant):
+            if isinstance(m.node, Invariant) and (
+                    isinstance(m, AddNode) or idx.names.get(m.node.name) in (None, m.node.id)):
                 idx.names[m.node.name] = m.node.id
         else:
             e = m.edge

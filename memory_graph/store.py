@@ -42,8 +42,8 @@ from .errors import (CorruptGraphError, IdempotencyConflictError, InvalidInputEr
 from amygdala.fsio import atomic_write, fsync_dir, link_replace, remove_stale_temps, sync_data, write_all
 from .journal import JournalHeader, JournalRecord, JournalScan, encode_line, scan
 from .lock import WriterLock
-from .models import (NODE_CLASSES, STATUS_TRANSITIONS, Certificate, Correction, CorrectionStatus, Edge, EdgeKind,
-                     Invariant, JudgeSpec, Memory, Node, NodeKind, Scenario, StatusChange, edge_from_attrs, new_id,
+from .models import (NODE_CLASSES, STATUS_TRANSITIONS, Certificate, CertificateReview, Correction, CorrectionStatus, DreamCycle, Edge,
+                     EdgeKind, Invariant, JudgeSpec, Memory, Node, NodeKind, Scenario, StatusChange, edge_from_attrs, new_id,
                      node_from_attrs, utc_now)
 from .snapshot import SnapshotError, SnapshotHeader, read_snapshot, write_snapshot
 from .tags import parse_tag_lines
@@ -651,23 +651,46 @@ class MemoryGraph:
 
     def add_invariant(self, name: str, description: str, judge: JudgeSpec | Mapping[str, Any], *,
                       threshold: float, templates: Sequence[str] = (), confidence: float = 0.95,
+                      spec: Mapping[str, Any] | None = None, replace: bool = False,
                       links: Links = (), idempotency_key: str | None = None, time: datetime | None = None) -> Invariant:
-        """Store a behavioural rule. Names are unique; re-adding an identical invariant returns it."""
+        """Store a behavioural rule. Names are unique among active invariants; re-adding an identical one returns it.
+
+        `spec` is the whole invariant as written (cases, templates), kept for the dream loop. With
+        `replace`, an active invariant of that name and different content is retired and the new
+        one added (linked to it by `derived_from`) in one journal record.
+        """
         when = self._now(time)
 
         def plan() -> tuple[list[ops.Mutation], Invariant]:
             judge_spec = judge if isinstance(judge, JudgeSpec) else self._build(JudgeSpec, **dict(judge))
             node = self._build(Invariant, id=new_id("invariant"), name=name, description=description,
                                judge=judge_spec, templates=tuple(templates), threshold=threshold,
-                               confidence=confidence, time=when, idempotency_key=idempotency_key)
+                               confidence=confidence, spec=None if spec is None else dict(spec), time=when,
+                               idempotency_key=idempotency_key)
             edges = self._edges_for(node.id, links, when)
-            if idempotency_key is None and name in self._idx.names:
-                existing = self._get(self._idx.names[name])
+            existing = self._get(self._idx.names[name]) if name in self._idx.names else None
+            if idempotency_key is None and isinstance(existing, Invariant) and not existing.retired:
                 if existing.content() == node.content():
-                    return [], existing  # type: ignore[return-value]
-                raise InvalidInputError(f"an invariant named {name!r} already exists ({existing.id}) with different "
-                                        f"content; choose another name; nothing was stored")
+                    return [], existing
+                if not replace:
+                    raise InvalidInputError(f"an invariant named {name!r} already exists ({existing.id}) with "
+                                            f"different content; choose another name or replace it; nothing was stored")
+                retired = existing.model_copy(update={"retired": True})
+                link = self._edges_for(node.id, [("derived_from", existing.id)], when)
+                return [ops.ReplaceNode(node=retired), ops.AddNode(node=node), *edges, *link], node
             return self._node_or_existing(node, edges)  # type: ignore[return-value]
+
+        return self._write(plan)
+
+    def retire_invariant(self, invariant: str) -> Invariant:
+        """Retire an invariant (id or name): kept with its certificates for history, no longer active. Idempotent."""
+        def plan() -> tuple[list[ops.Mutation], Invariant]:
+            current = self._get(self._resolve(invariant, "invariant", "invariant"))
+            assert isinstance(current, Invariant)
+            if current.retired:
+                return [], current
+            node = current.model_copy(update={"retired": True})
+            return [ops.ReplaceNode(node=node)], node
 
         return self._write(plan)
 
@@ -729,6 +752,67 @@ class MemoryGraph:
             if cert.revoked:
                 return [], cert
             node = self._build(Certificate, **{**cert.model_dump(), "revoked": True, "revoked_reason": reason})
+            return [ops.ReplaceNode(node=node)], node
+
+        return self._write(plan)
+
+    def start_cycle(self, cycle: DreamCycle, *, is_running: Callable[[DreamCycle], bool],
+                    links: Links = ()) -> tuple[DreamCycle, bool]:
+        """Store a new dream cycle unless another one is running: (stored cycle, True) or (running one, False).
+
+        The check and the write happen under the writer lock, so of two processes starting a cycle
+        at once exactly one succeeds. `is_running` decides whether an unfinished cycle's owner is
+        still alive (the dream loop knows how; the graph does not).
+        """
+        def plan() -> tuple[list[ops.Mutation], tuple[DreamCycle, bool]]:
+            for nid, attrs in self._graph.nodes(data=True):
+                if attrs.get("kind") == "cycle" and attrs.get("finished") is None:
+                    other = self._get(nid)
+                    assert isinstance(other, DreamCycle)
+                    if is_running(other):
+                        return [], (other, False)
+            muts, stored = self._node_or_existing(cycle, self._edges_for(cycle.id, links, cycle.time))
+            return muts, (stored, True)  # type: ignore[return-value]
+
+        return self._write(plan)
+
+    def update_cycle(self, cycle_id: str, *, links: Links = (), allow_finished: bool = False,
+                     **fields: Any) -> DreamCycle:
+        """Change a cycle's lifecycle fields (phase, progress, outcome, measurements) in one durable write.
+
+        A finished cycle is returned unchanged unless `allow_finished`: a cycle another process
+        already declared interrupted is not revived by a late write from its owner.
+        """
+        bad = sorted(set(fields) - DreamCycle.LIFECYCLE_FIELDS)
+        if bad:
+            raise InvalidInputError(f"update_cycle: {', '.join(bad)} cannot change after a cycle starts (lifecycle "
+                                    f"fields: {', '.join(sorted(DreamCycle.LIFECYCLE_FIELDS))}); nothing was stored")
+
+        def plan() -> tuple[list[ops.Mutation], DreamCycle]:
+            current = self._get_kind(cycle_id, "cycle")
+            assert isinstance(current, DreamCycle)
+            if current.finished is not None and not allow_finished:
+                return [], current
+            node = self._build(DreamCycle, **{**current.model_dump(), **fields})
+            edges = [m for m in self._edges_for(cycle_id, links, self._clock())
+                     if not self._graph.has_edge(cycle_id, m.edge.target, key=m.edge.kind)]  # type: ignore[union-attr]
+            if node == current and not edges:
+                return [], current
+            return [ops.ReplaceNode(node=node), *edges], node
+
+        return self._write(plan)
+
+    def review_certificate(self, certificate_id: str, decision: str, *, operator: str, reason: str,
+                           via: str = "cli", time: datetime | None = None) -> Certificate:
+        """Append an operator's decision (approve / reject) to a certificate; earlier ones are kept as they were."""
+        when = self._now(time)
+
+        def plan() -> tuple[list[ops.Mutation], Certificate]:
+            cert = self._get_kind(certificate_id, "certificate")
+            assert isinstance(cert, Certificate)
+            review = self._build(CertificateReview, decision=decision, operator=operator, reason=reason, via=via,
+                                 time=when)
+            node = self._build(Certificate, **{**cert.model_dump(), "reviews": (*cert.reviews, review)})
             return [ops.ReplaceNode(node=node)], node
 
         return self._write(plan)

@@ -15,6 +15,7 @@ import typer
 from dataclasses import dataclass
 
 from amygdala.corpus.cli import app as corpus_app
+from amygdala.dream.cli import invariants_app
 from amygdala.engine.cli import generate_cmd, model_app
 from amygdala.engine.steer_cli import steer_app
 from amygdala.memory_graph.cli import app as memory_app
@@ -60,6 +61,7 @@ app.add_typer(steer_app, name="steer")
 app.command("serve")(serve)
 app.command("sync")(sync_cmd)
 app.add_typer(train_app, name="train")
+app.add_typer(invariants_app, name="invariants")
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ class SteeringSide(BaseModel):
     scores: dict[str, float | None] = Field(description="Unsteered re-read of this continuation for each steered concept.")
     tokens: int
     perplexity: float | None = Field(description="Perplexity of the continuation under the unsteered model.")
+    score_note: str | None = Field(None, description="Why scores are null, when they are (e.g. an empty continuation).")
 
 
 class TestSteeringResult(BaseModel):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from amygdala.memory_graph import (NODE_KINDS, STATUS_TRANSITIONS, Certificate, Correction, InvalidInputError,
+from amygdala.memory_graph import (NODE_KINDS, STATUS_TRANSITIONS, Certificate, Correction, DreamCycle, InvalidInputError,
                           InvalidTransitionError, Invariant, Memory, MemoryGraph, Scenario)
 from amygdala.memory_graph.models import NODE_ADAPTER, node_from_attrs
 
@@ -38,7 +38,12 @@ def _populate(g: MemoryGraph) -> dict[str, str]:
     g.set_correction_status(cor.id, "certified", time=T0 + timedelta(hours=3))
     g.record_failure(mem.id, time=T0 + timedelta(hours=4))
     g.add_edge(mem.id, inv.id, "exemplifies", note="negative example")
-    return {"invariant": inv.id, "memory": mem.id, "correction": cor.id, "scenario": scn.id, "certificate": cert.id}
+    cyc, _ = g.start_cycle(DreamCycle(id="cyc-1", pid=1, seed=7, time=T0 + timedelta(hours=5)),
+                           is_running=lambda c: False, links=[("about", inv.id)])
+    g.update_cycle(cyc.id, phase="done", outcome="kept", finished=T0 + timedelta(hours=6),
+                   counts={"triplets": 3}, links=[("about", cor.id)])
+    return {"invariant": inv.id, "memory": mem.id, "correction": cor.id, "scenario": scn.id, "certificate": cert.id,
+            "cycle": cyc.id}
 
 
 def _state(g: MemoryGraph) -> tuple[dict, list]:

@@ -13,6 +13,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
+from amygdala.engine.tokens import only_control
+
 from ..models import CorrectionResult, TrainStatusResult, WorkerStatus
 from ..services import Services
 from .common import in_thread, services, tool_errors
@@ -41,6 +43,8 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         for name, value in (("context", context), ("preferred", preferred)):
             if not value.strip():
                 raise ToolError(f"{name} is empty; a correction needs the situation and the preferred response")
+            if only_control(value):
+                raise ToolError(f"{name} has only control or invisible format characters; a correction needs readable text")
         with tool_errors("submit_correction"):
             out = await in_thread(lambda: svc.corrections.submit(context, preferred, rejected, invariant=invariant, note=note,
                                                                  idempotency_key=idempotency_key, train_now=train_now))

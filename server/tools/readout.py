@@ -10,6 +10,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
+from amygdala.engine.tokens import check_text
+
 from ..models import ConceptInfo, ConceptScore, ListConceptsResult, ReadEmotionsResult, TokenReadout
 from ..services import Services
 from .common import on_engine, services, tool_errors
@@ -40,9 +42,8 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         standard deviations above it), averaged over the readout's default layers.
         """
         svc = services(ctx)
-        if not text.strip():
-            raise ToolError("text is empty or whitespace-only; pass the text whose emotional content you want read")
         with tool_errors("read_emotions"):
+            check_text(text)  # empty, whitespace or only control characters: refused before any model work
             r = svc.readout
             chosen = r.check_layers(layers)
 

@@ -12,6 +12,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
+from amygdala.engine.tokens import check_text
+
 from ..models import SteeringSide, TestSteeringResult
 from ..services import Services
 from .common import on_engine, progress_reporter, services, tool_errors
@@ -50,11 +52,10 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         The model is unchanged afterwards: steering lives only inside this call.
         """
         svc = services(ctx)
-        if not prompt.strip():
-            raise ToolError("prompt is empty; pass the text to continue")
         if max_new_tokens is None:
             max_new_tokens = min(48, lim.max_new_tokens)
         with tool_errors("test_steering"):
+            check_text(prompt, "prompt")  # empty, whitespace or only control characters
             r = svc.readout
             n = len(svc.lm.tokenizer(prompt)["input_ids"])
             if n > lim.max_prompt_tokens:

@@ -5,8 +5,9 @@ little-endian tensor data; `data_offsets` count from byte 8 + N. Sync rewrites d
 and never the header, so the file keeps its size and header hash (the embedded-model cache marker
 records exactly those and stays valid).
 
-This module must not import torch: the crash-test worker and `amygdala sync --dry-run` on plain
-files stay light.
+SyncError and JournalError live in engine.checkpoint_journal (every loader replays journals, and
+engine may not import training); they are re-exported here. This module must not import torch: the
+crash-test worker and `amygdala sync --dry-run` on plain files stay light.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+from amygdala.engine.checkpoint_journal import JournalError, SyncError
 from amygdala.engine.safetensors_file import HeaderError, header_length, header_sha256, read_header
 
+__all__ = [
+    "DTYPES", "AliasedMappingError", "DtypeInfo", "Fingerprint", "JournalError", "MismatchError", "MissingTensorError",
+    "SafetensorsLayout", "StaleFileError", "SyncError", "TensorEntry", "WeightsChangedError", "fingerprint",
+    "model_files", "read_layout", "read_layouts",
+]
+
 INDEX_NAME = "model.safetensors.index.json"
-
-
-class SyncError(ValueError):
-    """A sync refused before touching any file; the message says how to fix it."""
 
 
 class MismatchError(SyncError):
@@ -45,10 +49,6 @@ class AliasedMappingError(SyncError):
 
 class WeightsChangedError(SyncError):
     """Training wrote the live weights while sync was reading them; nothing was written."""
-
-
-class JournalError(SyncError):
-    """An unfinished journal cannot be replayed onto the files it was written for."""
 
 
 @dataclass(frozen=True)

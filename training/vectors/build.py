@@ -18,6 +18,8 @@ from amygdala.corpus import Corpus
 from amygdala.engine.model import LoadedModel
 from amygdala.engine.readout import ReadoutManager
 
+from amygdala.engine.drift import attach_probe, probe_ids
+
 from .length_calibration import calibrate_lengths
 from .validation import DEFAULT_GRID, ValidationReport, options_from_label, validate, write_plots
 from .caa import CorpusActivations, FitOptions, check_corpus_size, collect, fit_readout, model_ref
@@ -69,6 +71,7 @@ def build_readout(lm: LoadedModel, corpus: Corpus, out_dir: Path, layers: list[i
         readout.manifest.validation = report.summary()
     readout.lm = lm
     calibrate_lengths(lm, readout, ca.texts, progress=progress)
+    attach_probe(lm, readout, probe_ids(lm.tokenizer, probe_texts(corpus)))
     readout.save(out_dir)
     paths: list[Path] = []
     if report is not None:
@@ -76,6 +79,12 @@ def build_readout(lm: LoadedModel, corpus: Corpus, out_dir: Path, layers: list[i
         if plots:
             paths = write_plots(report, readout, out_dir)
     return BuildResult(readout, report, ca, out_dir, paths, time.perf_counter() - t0)
+
+
+def probe_texts(corpus: Corpus) -> list[str]:
+    """The drift probe: neutral texts first (no emotion to move), then scenario baselines."""
+    return [t.text for t in corpus.neutral] + [sc.baseline.text for _, sc in sorted(corpus.scenarios.items())
+                                               if sc.baseline is not None]
 
 
 def load_report(out_dir: Path) -> dict:
@@ -89,19 +98,23 @@ def default_readout_dir(config, lm: LoadedModel) -> Path:
 
 
 def ensure_readout(lm: LoadedModel, config, readout_path: Path | None = None, corpus_root: Path | None = None,
-                   echo: Callable[[str], None] = print) -> ReadoutManager:
-    """The readout for `lm`: loaded if present, else built from the corpus once and cached.
+                   echo: Callable[[str], None] = print, shipped_root: Path | None = None) -> ReadoutManager:
+    """The readout for `lm`: loaded if present, else the shipped one when its hashes match, else built once.
 
     An explicit `readout_path` is never built implicitly: a missing explicit path is an error.
     """
     from amygdala.corpus import load_corpus
     from amygdala.engine.readout import MANIFEST_FILE
 
+    from .shipped import SHIPPED_ROOT, try_shipped
+
     if readout_path is not None:
         return ReadoutManager.from_file(readout_path, model=lm, max_tokens=config.max_tokens, truncation=config.truncation)
     directory = default_readout_dir(config, lm)
     if not (directory / MANIFEST_FILE).is_file():
-        echo(f"amygdala: no emotion readout for {lm.name} yet; training it from the corpus into {directory} "
-             "(one-time: one pass over ~1,300 texts, a few minutes on 2 CPU cores).")
-        build_readout(lm, load_corpus(corpus_root), directory, echo=echo, cache_dir=config.home / "cache")
+        corpus = load_corpus(corpus_root)
+        if not try_shipped(lm, corpus.content_hash(), directory, echo=echo, root=shipped_root or SHIPPED_ROOT):
+            echo(f"amygdala: no emotion readout for {lm.name} yet; training it from the corpus into {directory} "
+                 "(one-time: one pass over ~1,300 texts; 10-25 minutes on 2 busy CPU cores).")
+            build_readout(lm, corpus, directory, echo=echo, cache_dir=config.home / "cache")
     return ReadoutManager.from_file(directory, model=lm, max_tokens=config.max_tokens, truncation=config.truncation)

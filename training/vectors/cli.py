@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from amygdala.engine.tokens import TextError, check_text
 from amygdala.engine.cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, load_or_exit, make_config, parse_layers
 
 vectors_app = typer.Typer(help="Train, validate, list and export emotion readout vectors.", no_args_is_help=True)
@@ -33,6 +34,10 @@ def train(
     whiten: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Fix the whitening shrinkage (0 = off; see training.steering_vectors)."),
     min_positives: int = typer.Option(2, min=1, help="Positives an emotion needs; fail fast below."),
     plots: bool = typer.Option(True, help="Write validation PNGs."),
+    ship: bool = typer.Option(False, "--ship", help="Also write it as the package's shipped readout for this model "
+                                                    "(default settings only; maintainers, before a release)."),
+    ship_dir: Optional[Path] = typer.Option(None, "--ship-dir", help="Where --ship writes (default: the package's "
+                                                                     "training/vectors/shipped/)."),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None,
 ) -> None:
     """Contrastive activation addition over the corpus, validated, written as readout.safetensors + readout.json."""
@@ -48,6 +53,9 @@ def train(
     except (CorpusError, CorpusTooSmall, FileNotFoundError) as exc:
         _fail(str(exc))
     fixed = None
+    if ship and (layers is not None or any(v is not None for v in (pooling, standardize, pca_share, whiten))):
+        _fail("--ship writes the readout a first start would build, with the default settings: drop --layers, "
+              "--pooling, --standardize, --pca-share and --whiten")
     if pooling is not None or standardize is not None or pca_share is not None or whiten is not None:
         try:
             fixed = FitOptions(Pooling.parse(pooling or "mean:10"), True if standardize is None else standardize,
@@ -62,13 +70,23 @@ def train(
                             cache_dir=cfg.home / "cache")
     except (ValueError, CorpusTooSmall) as exc:
         _fail(str(exc))
+    shipped = None
+    if ship:
+        from .shipped import SHIPPED_ROOT
+        from .shipped import ship as write_shipped
+
+        sdir, build = write_shipped(res.readout, lm, res.activations, c.content_hash(), res.seconds, root=ship_dir or SHIPPED_ROOT)
+        echo_err(f"shipped: {sdir} (float16: {', '.join(build.storage) or 'none'}; float16 vectors move z by at most "
+                 f"{build.half_max_abs_dz:.2e}, directions by {build.half_max_direction_error:.2e})")
+        shipped = {"dir": str(sdir), **build.model_dump(include={"weights_hash", "corpus_hash", "settings_hash", "storage",
+                                                                  "half_max_abs_dz", "half_max_direction_error"})}
     typer.echo(json.dumps({"out": str(out_dir), "concepts": len(res.readout.concepts), "layers": res.readout.manifest.layers,
                            "default_layers": res.readout.default_layers, "pooling": res.readout.manifest.pooling,
                            "standardize": res.readout.manifest.standardize, "pca_share": res.readout.manifest.pca_share,
                            "whiten": res.readout.manifest.whiten,
                            "texts": res.activations.forwards, "tokens": res.activations.acts.n_tokens,
                            "seconds": round(res.seconds, 1), "validation": res.readout.manifest.validation,
-                           "plots": [str(p) for p in res.plots]}, indent=2))
+                           "plots": [str(p) for p in res.plots], "shipped": shipped}, indent=2))
 
 
 @vectors_app.command("validate")
@@ -204,26 +222,24 @@ def readout_cmd(
 ) -> None:
     """Read the emotions a text evokes in the model's residual stream."""
     from amygdala.engine.readout import ReadoutError
-    from amygdala.engine.tokens import TextError
 
     from .build import ensure_readout
 
     if (text is None) == (jsonl is None):
         _fail("pass either TEXT or --jsonl FILE (one of them)")
-    items: list[tuple[str | None, str]] = []
+    items: list[tuple[str | None, int | None, str | None, str | None]] = []  # (id, line, text, error)
     if jsonl is not None:
         if not jsonl.is_file():
             _fail(f"--jsonl {jsonl}: no such file")
-        for n, line in enumerate(jsonl.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                items.append((str(obj["id"]), obj["text"]))
-            except (ValueError, KeyError, TypeError):
-                _fail(f'{jsonl}:{n}: expected a JSON object {{"id": str, "text": str}}')
+        items = list(_jsonl_items(jsonl))
+        if not items:
+            _fail(f"--jsonl {jsonl} has no lines to read")
     else:
-        items.append((None, text or ""))
+        try:
+            check_text(text)
+        except TextError as exc:
+            _fail(str(exc))
+        items.append((None, None, text, None))
     cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
     lm = load_or_exit(cfg)
     try:
@@ -231,25 +247,80 @@ def readout_cmd(
         chosen = r.check_layers(parse_layers(layers))
     except (ReadoutError, ValueError) as exc:
         _fail(str(exc))
-    try:
-        batch = 64
-        for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
-            scores = r.read([t for _, t in chunk], layers=chosen)
-            for (id_, t), s in zip(chunk, scores):
-                top = [{"concept": c, "score": round(v, 4)} for c, v in r.top(s.combined, top_k)]
-                obj = {"top": top, "layers": chosen}
-                if id_ is not None:
-                    obj = {"id": id_, **obj}
-                if as_json or jsonl is not None:
-                    sys.stdout.write(json.dumps(obj) + "\n")
-                    sys.stdout.flush()
-                else:
-                    _print_table(r, t, top, chosen, lm)
-                if per_token:
-                    _print_heat(r, t, [x["concept"] for x in top[:3]], chosen)
-    except TextError as exc:
-        _fail(str(exc))
+    from amygdala.engine.drift import measure_drift
+
+    drift = measure_drift(r)
+    if drift is not None and drift.note():
+        echo_err(f"note: {drift.note()}")
+    failed = 0
+    batch = 64
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        encoded: list[list[int] | None] = []
+        errors: list[str | None] = []
+        for _, _, t, err in chunk:
+            ids = None
+            if err is None:
+                try:
+                    ids = r.encode(t or "")
+                except TextError as exc:
+                    err = str(exc)
+            encoded.append(ids)
+            errors.append(err)
+        good = [ids for ids in encoded if ids is not None]
+        scores = iter(r.read_ids(good, layers=chosen) if good else [])
+        for (id_, line, t, _), ids, err in zip(chunk, encoded, errors):
+            if err is not None:
+                failed += 1
+                if jsonl is None:
+                    _fail(err)
+                echo_err(f"error: {jsonl}:{line} (id {id_!r}): {err}")
+                sys.stdout.write(json.dumps({"id": id_, "line": line, "error": err}) + "\n")
+                sys.stdout.flush()
+                continue
+            s = next(scores)
+            top = [{"concept": c, "score": round(v, 4)} for c, v in r.top(s.combined, top_k)]
+            obj = {"top": top, "layers": chosen}
+            if jsonl is not None:
+                obj = {"id": id_, "line": line, **obj}
+            if as_json or jsonl is not None:
+                sys.stdout.write(json.dumps(obj) + "\n")
+                sys.stdout.flush()
+            else:
+                _print_table(r, t, top, chosen, lm)
+            if per_token:
+                _print_heat(r, t or "", [x["concept"] for x in top[:3]], chosen)
+    if failed:
+        echo_err(f"{failed} of {len(items)} line(s) in {jsonl} could not be read (listed above, with their line "
+                 "numbers); the others were read")
+        raise typer.Exit(1)
+
+
+def _jsonl_items(path: Path):
+    """(id, line number, text, error) per non-blank line; a bad line carries its error instead of stopping the run."""
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            yield None, n, None, f'not valid JSON ({exc.msg}); expected {{"id": str, "text": str}}'
+            continue
+        if not isinstance(obj, dict):
+            yield None, n, None, f'expected a JSON object {{"id": str, "text": str}}, got {type(obj).__name__}'
+            continue
+        id_ = obj.get("id")
+        id_ = None if id_ is None else str(id_)
+        if id_ is None:
+            yield None, n, None, 'missing "id"; every line needs {"id": str, "text": str}'
+        elif not isinstance(obj.get("text"), str):
+            what = "missing" if "text" not in obj else f"not a string ({type(obj['text']).__name__})"
+            yield id_, n, None, f'"text" is {what}; every line needs {{"id": str, "text": str}}'
+        else:
+            try:
+                yield id_, n, check_text(obj["text"]), None
+            except TextError as exc:
+                yield id_, n, None, str(exc)
 
 
 def _print_table(r, text, top, layers, lm) -> None:

@@ -1,0 +1,525 @@
+"""The redo journal that makes a checkpoint write all-or-nothing across a model's files, and its replay.
+
+Why this lives in engine and not in training/checkpoint (which writes the journals): every path that
+loads a model directory must first finish an interrupted write, or it reads a half-written file.
+`engine.model.load_model` does that through `replay_before_load`, and engine may not import
+training, so the journal format and its replay sit here, below both. No torch import: the crash-test
+worker and offline commands stay light.
+
+Protocol (one journal per model directory, `.amygdala-sync.journal`):
+1. write the header (meta JSON and its crc), the undo records (U: the *old* bytes of every block run
+   about to be overwritten; never replayed, they become the undo log), the redo records (B: the new
+   bytes), then a commit record; fsync the journal and its directory. Until the commit record is
+   durable no model file has been touched, so a crash leaves a torn journal and wholly old files:
+   recovery deletes the journal.
+2. pwrite the B runs into the model files (a separate fd, never a memory map), fdatasync each file.
+3. do the meta's small file actions (`after`: whole-file writes and deletes, e.g. the undo log's
+   state file, or the undo entries a rollback consumed), then either delete the journal or, when
+   `keep_as` names a place, rename it there: it is this write's undo-log entry, and is cut after its
+   undo records (the redo bytes are in the model files now).
+A crash between 1 and 3 leaves a committed journal: recovery does 2 and 3 again. Both are idempotent
+(absolute offsets, whole new bytes, fixed file contents), and a normal sync applies through the same
+functions, so the recovery path runs on every sync, not only after crashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, field_validator
+
+from amygdala.fsio import atomic_write, fsync_dir, fsync_file
+
+from .safetensors_file import header_length, header_sha256
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = ".amygdala-sync.journal"
+LOCK_NAME = ".amygdala-sync.lock"
+LOCK_TIMEOUT_S = 600
+MAGIC_V1 = b"AMYSYNC\x01"  # redo records only, meta without a checksum (still replayed)
+MAGIC = b"AMYSYNC\x02"
+_LEN = struct.Struct("<I")
+_RECORD = struct.Struct("<IQII")  # B: file index, absolute offset, length, crc32(new data)
+_UNDO = struct.Struct("<IQIIII")  # U: file index, offset, length, crc32(old data), blocks, crc32(block crcs)
+_COMMIT = struct.Struct("<QQI")  # records (U and B), data bytes, crc32 chained over meta and record headers
+
+EventHook = Callable[[str], None]
+
+
+class SyncError(ValueError):
+    """A checkpoint write or replay refused before touching any file; the message says how to fix it."""
+
+
+class JournalError(SyncError):
+    """An unfinished journal cannot be replayed onto the files it was written for."""
+
+
+class TornJournal(Exception):
+    """The journal has no valid commit record: it was being written when the process died."""
+
+
+class JournalFile(BaseModel):
+    name: str
+    size: int
+    header_sha256: str
+
+
+class FileAction(BaseModel):
+    """A small whole-file change that belongs to the transaction: done after the blocks, before the journal goes."""
+
+    op: Literal["write", "delete"]
+    path: str  # relative to the model directory
+    text: str = ""
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        p = PurePosixPath(v)
+        if p.is_absolute() or ".." in p.parts or not p.parts:
+            raise ValueError(f"journal file action path {v!r} must be relative and inside the model directory")
+        return v
+
+
+class JournalMeta(BaseModel):
+    version: int = 2
+    block_size: int
+    files: list[JournalFile]
+    created: float
+    kind: Literal["sync", "rollback"] = "sync"
+    sync_id: int | None = None
+    keep_as: str | None = None  # relative path the applied journal is renamed to (its undo-log entry)
+    after: list[FileAction] = []
+    info: dict = {}
+
+    @field_validator("keep_as")
+    @classmethod
+    def _keep_inside(cls, v: str | None) -> str | None:
+        return None if v is None else FileAction._inside(v)
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """A redo run: `length` new bytes at `offset` of file `file_index`, stored at `position` in the journal."""
+
+    file_index: int
+    offset: int
+    length: int
+    position: int
+
+
+@dataclass(frozen=True)
+class UndoRecord:
+    """The old bytes of a run the write replaced, and the crc of each block of the bytes that replaced them."""
+
+    file_index: int
+    offset: int
+    length: int
+    position: int
+    new_block_crcs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Journal:
+    """A parsed, checksum-verified journal (committed) or undo-log entry (its undo records)."""
+
+    path: Path
+    meta: JournalMeta
+    records: list[JournalRecord]
+    undo: list[UndoRecord] = field(default_factory=list)
+    redo_start: int = 0  # where the redo records begin: an undo entry is cut here
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(r.length for r in self.records)
+
+    @property
+    def undo_bytes(self) -> int:
+        return sum(r.length for r in self.undo)
+
+    def blocks(self) -> int:
+        b = self.meta.block_size
+        return sum((r.length + b - 1) // b for r in self.records)
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    writes: int
+    bytes_written: int
+    blocks_written: int
+
+
+class RecoveryReport(BaseModel):
+    """What recovery found: no journal, a committed one (replayed), or a torn one (discarded)."""
+
+    status: Literal["clean", "replayed", "discarded"]
+    detail: str = ""
+    blocks_written: int = 0
+    bytes_written: int = 0
+
+
+def journal_path(model_dir: Path) -> Path:
+    return Path(model_dir) / JOURNAL_NAME
+
+
+def pending_journal(model_dir: Path) -> bool:
+    """True if a write of this directory was interrupted and `recover` has work to do."""
+    return journal_path(Path(model_dir)).exists()
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+class JournalWriter:
+    """Appends undo records, then redo records; nothing is replayable until `commit()` returns."""
+
+    def __init__(self, path: Path, meta: JournalMeta, on_event: EventHook | None = None):
+        self.path = Path(path)
+        self.meta = meta
+        self._on_event = on_event or (lambda _e: None)
+        # "x": a journal left by a crash must be recovered first, never overwritten.
+        self._fh = open(self.path, "xb", buffering=1 << 20)
+        raw = meta.model_dump_json().encode()
+        self._fh.write(MAGIC + _LEN.pack(len(raw)) + raw + _LEN.pack(zlib.crc32(raw)))
+        self._size = len(MAGIC) + 2 * _LEN.size + len(raw)
+        self._chain = zlib.crc32(raw)
+        self.records: list[JournalRecord] = []
+        self.undo: list[UndoRecord] = []
+        self.redo_start: int | None = None
+        self.data_bytes = 0
+
+    def add_undo(self, file_index: int, offset: int, old: memoryview | bytes, new_block_crcs: Sequence[int]) -> None:
+        """The bytes about to be replaced at `offset`, with the crc of each block of their replacement."""
+        if self.redo_start is not None:
+            raise RuntimeError("undo records must all come before the first redo record")
+        crcs = struct.pack(f"<{len(new_block_crcs)}I", *new_block_crcs)
+        head = _UNDO.pack(file_index, offset, len(old), zlib.crc32(old), len(new_block_crcs), zlib.crc32(crcs))
+        self._chain = zlib.crc32(head, self._chain)
+        self._fh.write(b"U" + head + crcs)
+        self._fh.write(old)
+        position = self._size + 1 + len(head) + len(crcs)
+        self.undo.append(UndoRecord(file_index, offset, len(old), position, tuple(new_block_crcs)))
+        self._size = position + len(old)
+        self.data_bytes += len(old)
+        self._on_event("journal-undo")
+
+    def add(self, file_index: int, offset: int, data: memoryview | bytes) -> None:
+        """A redo run: `data` is written at `offset` of file `file_index` when the journal is applied."""
+        if self.redo_start is None:
+            self.redo_start = self._size
+        head = _RECORD.pack(file_index, offset, len(data), zlib.crc32(data))
+        self._chain = zlib.crc32(head, self._chain)
+        self._fh.write(b"B" + head)
+        self._fh.write(data)
+        position = self._size + 1 + len(head)
+        self.records.append(JournalRecord(file_index, offset, len(data), position))
+        self._size = position + len(data)
+        self.data_bytes += len(data)
+        self._on_event("journal-record")
+
+    def commit(self) -> tuple[Journal, int]:
+        """Write the commit record and make the journal durable; returns it (ready to apply) and its size."""
+        if self.redo_start is None:
+            self.redo_start = self._size
+        n = len(self.records) + len(self.undo)
+        self._fh.write(b"C" + _COMMIT.pack(n, self.data_bytes, self._chain) + MAGIC)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        size = self._fh.tell()
+        self._fh.close()
+        fsync_dir(self.path.parent)
+        self._on_event("journal-committed")
+        return Journal(self.path, self.meta, list(self.records), list(self.undo), self.redo_start), size
+
+    def discard(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+def new_meta(block_size: int, files: list[tuple[str, int, str]], **kw: object) -> JournalMeta:
+    return JournalMeta(block_size=block_size, created=time.time(),
+                       files=[JournalFile(name=n, size=s, header_sha256=h) for n, s, h in files], **kw)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def _read_exact(fh, n: int, what: str) -> bytes:  # noqa: ANN001
+    data = fh.read(n)
+    if len(data) != n:
+        raise TornJournal(f"truncated in {what}")
+    return data
+
+
+def _parse(path: Path, committed: bool) -> Journal:
+    with open(path, "rb") as fh:
+        magic = fh.read(len(MAGIC))
+        if magic not in (MAGIC, MAGIC_V1):
+            raise TornJournal("empty: nothing reached the disk" if not magic else "bad or missing magic")
+        v1 = magic == MAGIC_V1
+        (n,) = _LEN.unpack(_read_exact(fh, _LEN.size, "the header"))
+        raw = _read_exact(fh, n, "the header")
+        chain = 0
+        if not v1:
+            (want,) = _LEN.unpack(_read_exact(fh, _LEN.size, "the header"))
+            if zlib.crc32(raw) != want:
+                raise TornJournal("header checksum mismatch")
+            chain = want
+        try:
+            meta = JournalMeta.model_validate_json(raw)
+        except ValueError as exc:
+            raise TornJournal(f"header unreadable ({exc})") from None
+        records: list[JournalRecord] = []
+        undo: list[UndoRecord] = []
+        redo_start: int | None = None
+        while True:
+            at = fh.tell()
+            tag = fh.read(1)
+            if tag == b"U" and redo_start is None and not v1:
+                head = _read_exact(fh, _UNDO.size, f"undo record {len(undo)}")
+                file_index, offset, length, crc, nblocks, crcs_crc = _UNDO.unpack(head)
+                crcs = _read_exact(fh, 4 * nblocks, f"undo record {len(undo)}")
+                position = fh.tell()
+                data = fh.read(length)
+                if zlib.crc32(crcs) != crcs_crc or len(data) != length or zlib.crc32(data) != crc:
+                    raise TornJournal(f"undo record {len(undo)} incomplete or corrupt")
+                if file_index >= len(meta.files):
+                    raise TornJournal(f"undo record {len(undo)} names file {file_index} of {len(meta.files)}")
+                chain = zlib.crc32(head, chain)
+                undo.append(UndoRecord(file_index, offset, length, position, struct.unpack(f"<{nblocks}I", crcs)))
+                continue
+            if redo_start is None:
+                redo_start = at
+            if not committed and tag in (b"B", b"C", b""):
+                return Journal(path, meta, [], undo, redo_start)  # an undo entry: its redo part is not needed
+            if tag == b"B":
+                head = fh.read(_RECORD.size)
+                if len(head) != _RECORD.size:
+                    raise TornJournal(f"truncated after {len(records)} records")
+                file_index, offset, length, crc = _RECORD.unpack(head)
+                position = fh.tell()
+                data = fh.read(length)
+                if len(data) != length or zlib.crc32(data) != crc:
+                    raise TornJournal(f"record {len(records)} incomplete or corrupt")
+                if file_index >= len(meta.files):
+                    raise TornJournal(f"record {len(records)} names file {file_index} of {len(meta.files)}")
+                chain = zlib.crc32(head, chain)
+                records.append(JournalRecord(file_index, offset, length, position))
+            elif tag == b"C":
+                tail = fh.read(_COMMIT.size + len(MAGIC))
+                if len(tail) != _COMMIT.size + len(MAGIC) or tail[_COMMIT.size:] != magic:
+                    raise TornJournal("commit record incomplete")
+                count, data_bytes, want_chain = _COMMIT.unpack(tail[:_COMMIT.size])
+                total = sum(r.length for r in records) + sum(r.length for r in undo)
+                if count != len(records) + len(undo) or data_bytes != total or want_chain != chain:
+                    raise TornJournal("commit record disagrees with the records")
+                if fh.read(1):
+                    raise TornJournal("data after the commit record")
+                return Journal(path, meta, records, undo, redo_start)
+            else:
+                raise TornJournal(f"no commit record (ends after {len(records)} records)")
+
+
+def read_journal(path: Path) -> Journal:
+    """Parse and verify a journal; raises TornJournal unless it is complete and every checksum holds."""
+    return _parse(Path(path), committed=True)
+
+
+def read_undo_entry(path: Path) -> Journal:
+    """Parse a kept journal (an undo-log entry): its meta and verified undo records; raises TornJournal."""
+    return _parse(Path(path), committed=False)
+
+
+def read_meta(path: Path) -> JournalMeta:
+    """Only the header of a journal or undo entry (checksum-verified): cheap, for listings."""
+    with open(path, "rb") as fh:
+        if fh.read(len(MAGIC)) != MAGIC:
+            raise TornJournal("bad or missing magic")
+        (n,) = _LEN.unpack(_read_exact(fh, _LEN.size, "the header"))
+        raw = _read_exact(fh, n, "the header")
+        (want,) = _LEN.unpack(_read_exact(fh, _LEN.size, "the header"))
+    if zlib.crc32(raw) != want:
+        raise TornJournal("header checksum mismatch")
+    try:
+        return JournalMeta.model_validate_json(raw)
+    except ValueError as exc:
+        raise TornJournal(f"header unreadable ({exc})") from None
+
+
+def file_identity(path: Path) -> tuple[int, str]:
+    """(size, header sha256) of a safetensors file: what a journal checks before writing into it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        n = header_length(fd)
+        return size, header_sha256(fd=fd, length=n) if 8 + n <= size else "unreadable"
+    finally:
+        os.close(fd)
+
+
+def check_targets(journal: Journal, model_dir: Path, what: str = "unfinished sync journal") -> list[Path]:
+    """The files a journal was written for, verified to still be those files (size, header)."""
+    paths = []
+    for f in journal.meta.files:
+        p = Path(model_dir) / f.name
+        if not p.is_file():
+            raise JournalError(f"{what} {journal.path} targets {f.name}, which is gone. If the model was "
+                               f"deliberately replaced, delete {journal.path}; otherwise restore {f.name} first.")
+        size, digest = file_identity(p)
+        if size != f.size or digest != f.header_sha256:
+            raise JournalError(f"{what} {journal.path} was written for a different {f.name} (size or header "
+                               f"changed). If the model was deliberately replaced, delete {journal.path}; "
+                               "replaying it would corrupt the new file.")
+        paths.append(p)
+    return paths
+
+
+# --- applying -------------------------------------------------------------------------------------
+
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    done = 0
+    calls = 0
+    view = memoryview(data)
+    while done < len(data):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite wrote {n} bytes")
+        done += n
+        calls += 1
+    return calls
+
+
+def apply_journal(journal: Journal, targets: list[Path], on_event: EventHook | None = None) -> ApplyStats:
+    """Write every redo run into its file with positioned writes, then fdatasync each file."""
+    on_event = on_event or (lambda _e: None)
+    fds = [os.open(p, os.O_RDWR) for p in targets]
+    jfd = os.open(journal.path, os.O_RDONLY)
+    writes = 0
+    try:
+        for rec in journal.records:
+            data = os.pread(jfd, rec.length, rec.position)
+            if len(data) != rec.length:
+                raise OSError(f"journal {journal.path} shrank while replaying")
+            writes += _pwrite_all(fds[rec.file_index], data, rec.offset)
+            on_event("block-written")
+        for fd in fds:
+            _datasync(fd)  # overwrites only: size unchanged, so the data is all that must reach disk
+        on_event("files-synced")
+    finally:
+        os.close(jfd)
+        for fd in fds:
+            os.close(fd)
+    return ApplyStats(writes=writes, bytes_written=journal.data_bytes, blocks_written=journal.blocks())
+
+
+def drop_journal(path: Path) -> None:
+    """Delete a journal that must not be applied (torn, or refused before any file was touched)."""
+    Path(path).unlink(missing_ok=True)
+    fsync_dir(Path(path).parent)
+
+
+def finish_journal(journal: Journal, model_dir: Path, on_event: EventHook | None = None) -> None:
+    """Step 3: the file actions, then the journal disappears durably (deleted, or kept as an undo entry)."""
+    model_dir = Path(model_dir)
+    for act in journal.meta.after:
+        target = model_dir / act.path
+        if act.op == "write":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, act.text.encode())
+        else:
+            target.unlink(missing_ok=True)
+            if target.parent.is_dir():
+                fsync_dir(target.parent)
+    if journal.meta.keep_as is None:
+        drop_journal(journal.path)
+    else:
+        kept = model_dir / journal.meta.keep_as
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(journal.path, kept)
+        fsync_dir(kept.parent)
+        fsync_dir(journal.path.parent)
+        # The redo bytes are in the model files now; the undo entry keeps header and undo records only.
+        # A crash before this cut leaves them in: readers stop at the first redo record either way.
+        os.truncate(kept, journal.redo_start)
+        fsync_file(kept)
+    if on_event:
+        on_event("done")
+
+
+# --- recovery -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def locked(model_dir: Path) -> Iterator[None]:
+    """The model directory's writer lock: one sync, rollback or replay at a time."""
+    lock = FileLock(str(Path(model_dir) / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SyncError(f"another sync of {model_dir} has held {LOCK_NAME} for {LOCK_TIMEOUT_S} s; "
+                        "wait for it or check for a stuck process") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def recover_locked(model_dir: Path) -> RecoveryReport:
+    """`recover` for a caller that already holds `locked(model_dir)`."""
+    path = journal_path(model_dir)
+    if not path.exists():
+        return RecoveryReport(status="clean")
+    try:
+        journal = read_journal(path)
+    except TornJournal as exc:
+        # The commit record is written (and fsynced) before any model file is touched, so a journal
+        # without one means the files are wholly old.
+        drop_journal(path)
+        log.warning("discarded a torn sync journal in %s (%s): the checkpoint is unchanged", model_dir, exc)
+        return RecoveryReport(status="discarded", detail=f"torn journal ({exc}); files were untouched")
+    targets = check_targets(journal, model_dir)
+    stats = apply_journal(journal, targets)
+    finish_journal(journal, model_dir)
+    log.warning("replayed an interrupted %s of %s: %d blocks", journal.meta.kind, model_dir, stats.blocks_written)
+    return RecoveryReport(status="replayed", detail=f"{stats.blocks_written} blocks re-applied ({journal.meta.kind})",
+                          blocks_written=stats.blocks_written, bytes_written=stats.bytes_written)
+
+
+def recover(model_dir: Path) -> RecoveryReport:
+    """Finish or discard an interrupted write of `model_dir`; call before loading a model from it."""
+    model_dir = Path(model_dir)
+    if not pending_journal(model_dir):
+        return RecoveryReport(status="clean")
+    with locked(model_dir):
+        return recover_locked(model_dir)
+
+
+def replay_before_load(model_dir: Path) -> RecoveryReport:
+    """What a loader calls: replay an unfinished journal, or refuse (JournalError) when it cannot.
+
+    A directory without a journal costs one stat and needs no write access (read-only model stores
+    load as before). With a journal, the files may be half-written: loading them would serve a mix of
+    old and new weights, so a journal that cannot be replayed (read-only directory, foreign files)
+    stops the load instead.
+    """
+    model_dir = Path(model_dir)
+    if not pending_journal(model_dir):
+        return RecoveryReport(status="clean")
+    try:
+        return recover(model_dir)
+    except OSError as exc:
+        raise JournalError(f"{model_dir} has an unfinished checkpoint sync journal ({JOURNAL_NAME}) that could not "
+                           f"be replayed ({exc.strerror or exc}): its safetensors files may be half-written, so the "
+                           "model is not loaded. Make the directory writable for this user and load again (the "
+                           "journal is replayed first).") from None

@@ -54,7 +54,7 @@ def case_id(invariant: str, context: str, preferred: str, rejected: str) -> str:
 
 def held_out_unit(context: str) -> float:
     """The context's position in [0, 1) for the held-out rule (stable across processes and versions)."""
-    digest = hashlib.sha256(f"{_SALT}\0{context}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{_SALT}\0{context}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -129,8 +129,8 @@ def _nodes(graph: MemoryGraph | None) -> Sequence[Invariant]:
 
 @invariants_app.command("add")
 def add_cmd(
-    file: Path = typer.Argument(..., help="Invariant JSON file (name, description, threshold, judge, cases, templates)."),
-    replace: bool = typer.Option(False, "--replace", help="Retire the active invariant of that name and store this one."),
+    file: Path = typer.Argument(..., help="Invariant JSON file (name, description, threshold, judge, cases)."),
+    replace: bool = typer.Option(False, "--replace", help="Retire the active invariant of that name, store this."),
     as_json: bool = JsonOpt,
     home: HomeOpt = None,
 ) -> None:

@@ -218,10 +218,10 @@ def regressions(before: Evaluation, after: Evaluation, *, tolerance: float, max_
         if a.pass_rate < b.pass_rate - tolerance - 1e-12:
             out.append(f"invariant {name!r}: held-out pass rate fell from {b.pass_rate:.3f} to {a.pass_rate:.3f} "
                        f"(more than the tolerance {tolerance:g})")
-    if before.perplexity is not None and after.perplexity is not None:
-        if after.perplexity > before.perplexity + max_perplexity_rise:
-            out.append(f"neutral-text perplexity rose from {before.perplexity:.3f} to {after.perplexity:.3f} "
-                       f"(more than {max_perplexity_rise:g})")
+    if (before.perplexity is not None and after.perplexity is not None
+            and after.perplexity > before.perplexity + max_perplexity_rise):
+        out.append(f"neutral-text perplexity rose from {before.perplexity:.3f} to {after.perplexity:.3f} "
+                   f"(more than {max_perplexity_rise:g})")
     return out
 
 

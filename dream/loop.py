@@ -284,6 +284,7 @@ class _Run:
     last_write: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     phase_t0: float = 0.0
+    results: list[JobResult] = field(default_factory=list)  # finished training jobs, in order
 
 
 class DreamLoop:
@@ -356,7 +357,7 @@ class DreamLoop:
                 try:
                     self._rollback(run, report, jobs[0], f"cycle {cycle_id} failed: {exc}")
                     report.reason += "; the weights were rolled back to before the cycle"
-                except Exception:  # noqa: BLE001: the original error is what matters
+                except Exception:  # the original error is what matters
                     log.exception("rollback after a failed cycle failed too")
             self._finish(run, report)
             raise
@@ -395,7 +396,7 @@ class DreamLoop:
         if self.deps.on_progress is not None:
             try:
                 self.deps.on_progress(phase, done, total, message)
-            except Exception:  # noqa: BLE001: a progress hook never stops a cycle
+            except Exception:  # a progress hook never stops a cycle
                 log.exception("dream progress hook failed")
 
     def _write(self, run: _Run, *, force: bool, **fields: Any) -> None:
@@ -494,9 +495,8 @@ class DreamLoop:
         report.weights_after = lm.weights_hash(refresh=True)
         self._write(run, force=True, weights_after=report.weights_after, training=tr.model_dump(mode="json"))
         if tr.steps_applied == 0:
-            for cid in report.corrections:
-                graph.set_correction_status(cid, "pending", expect="queued",
-                                            note=f"dream cycle {run.id}: no training step was applied")
+            for result in run.results:  # nothing applied: the lifecycle returns the corrections to pending
+                d.lifecycle.on_job_finished(result)
             report.outcome = "failed"
             report.reason = f"training applied no step: {tr.error or tr.stopped_early or 'every step was skipped'}"
             report.weights_final = report.weights_after
@@ -521,11 +521,7 @@ class DreamLoop:
         if d.syncer is not None:
             d.syncer.sync()
             report.synced = True
-        for job_id in tr.jobs:
-            try:
-                result = d.trainer.wait(job_id, timeout=0)  # type: ignore[union-attr]
-            except (KeyError, TimeoutError):
-                continue
+        for result in run.results:  # queued -> trained (a no-op where the daemon's hook did it already)
             d.lifecycle.on_job_finished(result)
         report.outcome = "kept"
         report.reason = _kept_reason(before, after, tr)
@@ -584,7 +580,7 @@ class DreamLoop:
             if isinstance(final, dict):
                 try:
                     prev = Evaluation.model_validate(final)
-                except Exception:  # noqa: BLE001: an old or damaged record is simply not reused
+                except Exception:  # noqa: BLE001 - an old or damaged record is simply not reused
                     prev = None
                 if prev is not None and prev.key == eval_key(lm.weights_hash(), specs, s.eval):
                     return prev.model_copy(update={"reused_from": last.id})
@@ -611,7 +607,10 @@ class DreamLoop:
         tr.orpo = sum(e.loss == "orpo" for e in examples)
         tr.sft = tr.examples - tr.orpo
         keep = _trainer_keep_snapshots(trainer)
-        n_chunks = max(1, min(s.train_chunks, planned_steps, keep if keep else s.train_chunks))
+        if keep == 0:
+            raise DreamError("the training worker keeps no snapshots (keep_snapshots=0), so a regression could not be "
+                             "rolled back; start it with keep_snapshots >= 1")
+        n_chunks = max(1, min(s.train_chunks, planned_steps, keep or s.train_chunks))
         bounds = [round(i * planned_steps / n_chunks) for i in range(n_chunks + 1)]
         train_deadline = run.t0 + s.train_share * 60 * s.budget_minutes
         t0 = time.monotonic()
@@ -642,6 +641,7 @@ class DreamLoop:
                     d.lifecycle.mark_queued(chunk_corr, job_id)
             self._write(run, force=True, training=tr.model_dump(mode="json"))
             result = self._wait(run, trainer, job_id, done_steps, planned_steps, cancel)
+            run.results.append(result)
             tr.steps_applied += result.steps_applied
             tr.steps_skipped += result.steps_skipped
             tr.losses += [st.loss for st in result.steps]
@@ -670,7 +670,7 @@ class DreamLoop:
             try:
                 st = trainer.status()
                 step = st.step if getattr(st, "current_job", None) == job_id and st.step is not None else 0
-            except Exception:  # noqa: BLE001: progress only
+            except Exception:  # noqa: BLE001 - progress only
                 step = 0
             self._progress(run, "steps", done + int(step), total)
 
@@ -678,9 +678,9 @@ class DreamLoop:
         d = self.deps
         assert d.trainer is not None
         result = d.trainer.rollback(first_job)
+        for job in run.results:  # queued -> trained first (standalone has no hook), so the rollback moves them on
+            d.lifecycle.on_job_finished(job)
         d.lifecycle.on_rollback(result, reason=f"dream cycle {run.id}: {reason}")
-        for cid in report.corrections:  # corrections whose job was undone before they were marked trained
-            d.graph.set_correction_status(cid, "pending", expect="queued", note=f"dream cycle {run.id} rolled back: {reason}")
         d.lm.invalidate_weights_hash()
         report.weights_final = d.lm.weights_hash(refresh=True)
         report.training.rolled_back = True
@@ -738,7 +738,7 @@ def _temperature_state(cycles: Sequence[DreamCycle], current: str) -> Temperatur
         if isinstance(raw, dict):
             try:
                 return TemperatureState.model_validate(raw)
-            except Exception:  # noqa: BLE001: a state that no longer validates restarts the controller
+            except Exception:  # noqa: BLE001 - a state that no longer validates restarts the controller
                 log.warning("dream cycle %s: stored temperature state is invalid; starting the controller afresh", cyc.id)
                 return None
     return None

@@ -72,7 +72,7 @@ class CycleSummary:
     outcome: str  # the loop's word: e.g. "kept", "rolled_back", "nothing_to_train", "dry_run", "cancelled", "failed"
     reason: str  # one sentence: why this outcome
     weights_changed: bool  # trained weights were kept: certificates on the old weights are stale now
-    trigger: Trigger = "now"
+    trigger: str = "now"  # a Trigger, or "unknown" for a recorded cycle that did not say
     dry_run: bool = False
     temperature: float | None = None  # the controller's temperature the cycle sampled at
     next_temperature: float | None = None  # what the controller set for the next cycle

@@ -64,12 +64,12 @@ def probe_ids(tokenizer: object, texts: Sequence[str], n: int = PROBE_TEXTS, max
     return out
 
 
-def _pooled(lm: "LoadedModel", readout: "ReadoutManager", ids: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
+def _pooled(lm: LoadedModel, readout: ReadoutManager, ids: list[list[int]], layers: list[int]) -> dict[int, torch.Tensor]:
     res = multi_pooled_activations(lm, ids, layers, [readout.pooling])
     return res.pooled[readout.pooling]
 
 
-def attach_probe(lm: "LoadedModel", readout: "ReadoutManager", ids: list[list[int]]) -> None:
+def attach_probe(lm: LoadedModel, readout: ReadoutManager, ids: list[list[int]]) -> None:
     """Record the probe texts' pooled residuals at the readout's default layers (at fit time, in place)."""
     if not ids:
         return
@@ -79,7 +79,7 @@ def attach_probe(lm: "LoadedModel", readout: "ReadoutManager", ids: list[list[in
         readout.layers[i].probe = pooled[i].clone()
 
 
-def measure_drift(readout: "ReadoutManager", lm: "LoadedModel | None" = None) -> Drift | None:
+def measure_drift(readout: ReadoutManager, lm: LoadedModel | None = None) -> Drift | None:
     """Drift of `lm` (default: the readout's model) from the readout's fit-time weights; None without a probe."""
     lm = lm or readout.lm
     ids = readout.manifest.drift_probe
@@ -107,7 +107,7 @@ class DriftMonitor:
     changed since the last measurement.
     """
 
-    def __init__(self, readout: "ReadoutManager", version: Callable[[], Hashable] = lambda: 0):
+    def __init__(self, readout: ReadoutManager, version: Callable[[], Hashable] = lambda: 0):
         self.readout = readout
         self.version = version
         self._cached: tuple[Hashable, Drift | None] | None = None

@@ -192,6 +192,23 @@ def resolve_model_path(config: Config, echo=print) -> Path:
     return path
 
 
+def replay_journal(path: Path, echo=print) -> None:
+    """Finish an interrupted checkpoint sync or rollback of `path` before its weights are read.
+
+    Every loader comes through load_model, so the CLI commands, the notebook API and the daemon
+    all see the journal's new weights, never a half-written file; one that cannot be replayed
+    (read-only directory, files replaced since) stops the load with the reason (ModelError).
+    """
+    from .checkpoint_journal import SyncError, replay_before_load
+
+    try:
+        report = replay_before_load(path)
+    except SyncError as exc:
+        raise ModelError(str(exc)) from None
+    if report.status != "clean":
+        echo(f"amygdala: {report.status} an unfinished checkpoint journal in {path} before loading ({report.detail})")
+
+
 def load_model(config: Config, echo=print) -> LoadedModel:
     """Load model and tokenizer once, on config.device in config.dtype, in eval mode, no grads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -199,6 +216,7 @@ def load_model(config: Config, echo=print) -> LoadedModel:
     if config.threads:
         torch.set_num_threads(config.threads)
     path = resolve_model_path(config, echo=echo)
+    replay_journal(path, echo=echo)
     t0 = time.perf_counter()
     dtype = getattr(torch, config.dtype)
     from transformers.utils import logging as hf_logging

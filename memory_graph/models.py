@@ -11,7 +11,7 @@ Node kinds and what later features use them for:
 * ``certificate``: the statistics of one evaluation of an invariant on one model.
 * ``cycle``: one dream cycle (phase and progress while it runs, then outcome and measurements).
 
-Lifecycle fields (status, history, failure counts, revocation) change after creation; every other
+Lifecycle fields (status, history, failure counts, revocation, retirement) change after creation; every other
 field is content, which is what an idempotent retry must match exactly.
 """
 

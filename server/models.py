@@ -24,6 +24,8 @@ class ReadEmotionsResult(BaseModel):
     layer_depths: list[str] = Field(description="Each layer with its relative depth, e.g. 'layer 8 (44%)'.")
     tokens: int
     per_token: list[TokenReadout] | None = Field(None, description="With per_token: the top 3 concepts at every token.")
+    drift: str | None = Field(None, description="Set when training has moved the served weights away from the ones the "
+                                                "readout was fit on: how far, and how to refit.")
 
 
 class ConceptInfo(BaseModel):
@@ -100,3 +102,5 @@ class TrainStatusResult(BaseModel):
     worker: WorkerStatus | None = Field(None, description="The training worker: queue, current job, step, loss.")
     next_checkpoint_sync: str | None = Field(None, description="ISO time of the scheduled checkpoint sync, if any.")
     corrections: dict[str, int] = Field(default_factory=dict, description="Stored corrections by status.")
+    readout_drift: str | None = Field(None, description="How far the served weights have drifted from the ones the "
+                                                        "readout was fit on (None: not at all), and how to refit.")

@@ -29,6 +29,7 @@ from .engine_thread import EngineThread
 from .limits import ServerLimits
 
 if TYPE_CHECKING:  # heavy or process-spawning modules: imported when training is switched on
+    from amygdala.engine.drift import DriftMonitor
     from amygdala.training.checkpoint.schedule import SyncScheduler
     from amygdala.training.client import TrainingClient
     from amygdala.training.schemas import TrainSettings
@@ -76,6 +77,7 @@ class Services:
     _readout_started: float | None = None
     _readout_error: str | None = None
     _concepts: list[ConceptMeta] | None = field(default=None, repr=False)
+    _drift: DriftMonitor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.corrections = CorrectionLifecycle(self.graph, self.lm.tokenizer)
@@ -105,6 +107,21 @@ class Services:
     @property
     def readout_ready(self) -> bool:
         return self.readout_manager is not None
+
+    def readout_drift(self) -> str | None:
+        """How far the served weights drifted from the readout's (None: not at all, or unknown).
+
+        Runs a small forward (the readout's probe texts) once per weights version: call it on the
+        engine thread.
+        """
+        if self.readout_manager is None:
+            return None
+        if self._drift is None or self._drift.readout is not self.readout_manager:
+            from amygdala.engine.drift import DriftMonitor
+
+            self._drift = DriftMonitor(self.readout_manager,
+                                       lambda: self.trainer.weights_version if self.trainer is not None else 0)
+        return self._drift.note()
 
     def concept_meta(self) -> list[ConceptMeta]:
         """Readout concepts with the corpus manifest's metadata (computed once per server)."""

@@ -10,10 +10,10 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from apscheduler.triggers.cron import CronTrigger
-
 from amygdala.dream.runner import CycleSummary, DreamRunner
 from amygdala.dream.scheduler import NIGHTLY_JOB_ID, PERSISTENT, DreamScheduler
+from apscheduler.triggers.cron import CronTrigger
+
 from amygdala.home import HomeLock
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typer.testing import CliRunner
-
 from amygdala.corpus import CorpusError, check_corpus, load_corpus, load_manifest
 from amygdala.corpus.cli import app
 from amygdala.corpus.manifest import Emotion
+from typer.testing import CliRunner
+
 from tests.corpus_fixture import make_corpus
 
 

@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -147,9 +146,9 @@ def test_parse_spec_reads_files_and_json_text(tmp_path):
     bad.write_text('{"name": "x",\n "cases": [}')
     assert f"{bad}: not valid JSON at line 2" in refused(bad)
     assert "no such file" in refused(tmp_path / "missing.json")
-    assert "top level must be a JSON object" in refused("[1, 2]" if False else json.dumps([1, 2]).join(["{", "}"])[1:-1]
-                                                          if False else tmp_path / "list.json") if \
-        (tmp_path / "list.json").write_text("[1, 2]") else None
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert "top level must be a JSON object" in refused(listed)
 
 
 def test_spec_sha256_is_canonical():
@@ -268,7 +267,7 @@ def test_split_is_stable_large_enough_and_disjoint(n):
     spec = inv.parse_spec(make_spec(n=n))
     train, held = split(spec)
     assert len(train) + len(held) == n
-    assert len(held) >= math.ceil(n / 3) and len(train) >= math.ceil(n / 3) - (n % 3 == 1 and n < 3)
+    assert len(held) >= math.ceil(n / 3) and len(train) >= math.ceil(n / 3)
     assert not {c.id for c in train} & {c.id for c in held}
     assert all(c.held_out for c in held) and not any(c.held_out for c in train)
     assert split(spec) == split(inv.parse_spec(make_spec(n=n)))  # same split twice, from a fresh parse
@@ -283,8 +282,8 @@ def test_split_is_stable_large_enough_and_disjoint(n):
 
 def test_split_is_the_same_in_another_process():
     spec = make_spec(n=20)
-    code = ("import json, sys; from amygdala.dream.invariants import parse_spec; from amygdala.dream.cases import split; "
-            "t, h = split(parse_spec(json.loads(sys.stdin.read()))); print(json.dumps([c.id for c in h]))")
+    code = ("import json, sys; from amygdala.dream.invariants import parse_spec; "
+            "from amygdala.dream.cases import split; t, h = split(parse_spec(json.loads(sys.stdin.read()))); print(json.dumps([c.id for c in h]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
                          env=env, timeout=120, check=True)
@@ -348,8 +347,8 @@ def test_memory_placeholder():
     out = expand_templates(spec, random.Random(0), 5, memories)
     assert len(out) == 2 and {c.source for c in out} == {"memory"}
     assert all("emotion:" not in c.context for c in out)
-    assert {c.context.split("Earlier: ")[1].split("\n")[0] for c in out} == {"The deploy failed twice.",
-                                                                           "We moved the meeting to Friday."}
+    recalled = {c.context.split("Earlier: ")[1].split("\n")[0] for c in out}
+    assert recalled == {"The deploy failed twice.", "We moved the meeting to Friday."}
 
 
 def test_variation_inherits_parent_side():

@@ -13,15 +13,27 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from amygdala.dream.errors import DreamError
+from amygdala.dream.runner import (
+    CycleSummary,
+    DreamBusy,
+    DreamRequest,
+    DreamRunner,
+    RecertifySummary,
+)
+from amygdala.dream.scheduler import (
+    NIGHTLY_JOB_ID,
+    PERSISTENT,
+    RECERTIFY_JOB_ID,
+    REGISTRY,
+    DreamScheduler,
+    NotTheOwner,
+    nightly_dream,
+    parse_dream_at,
+)
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from amygdala.dream.errors import DreamError
-from amygdala.dream.runner import CycleSummary, DreamBusy, DreamRequest, DreamRunner, RecertifySummary
-from amygdala.dream.scheduler import (
-    NIGHTLY_JOB_ID, PERSISTENT, RECERTIFY_JOB_ID, REGISTRY, DreamScheduler, NotTheOwner, nightly_dream,
-    parse_dream_at,
-)
 from amygdala.home import HomeLock
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from .apollo import DEFAULT_RANK, DEFAULT_UPDATE_PROJ_GAP, OptimizerKind, OptimizerSpec
 from .losses import DEFAULT_ORPO_LAMBDA
@@ -29,6 +29,62 @@ class WorkerUnavailable(RuntimeError):
     """The training worker is not running (never started, died, or the client is closed)."""
 
 
+class InvalidTargets(JobRejected):
+    """Training targets that select nothing (or out-of-range layers); the message lists the valid module names."""
+
+
+ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+class TrainTargets(BaseModel):
+    """Which weights to train: module name patterns and a decoder-layer range (see training/targets.py).
+
+    Example, the attention projections of layers 6-11: `TrainTargets(modules=ATTENTION_PROJECTIONS,
+    layers=(6, 11))`, or in JSON `{"modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": "6-11"}`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modules: tuple[str, ...] = Field((), description="fnmatch patterns of module names: inside a decoder layer relative to it "
+                                     "('self_attn.q_proj', or just 'q_proj'; 'mlp.*'), outside the layers by full path "
+                                     "('model.norm'). Empty: every module of the chosen layers.")
+    layers: tuple[int, int] | None = Field(None, description="First and last decoder layer to train (inclusive), e.g. "
+                                           "[6, 11] or '6-11'. None: every layer.")
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _modules(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            for i, pat in enumerate(v):
+                if not isinstance(pat, str) or not pat.strip():
+                    raise ValueError(f"modules[{i}] must be a non-blank module name pattern, e.g. 'self_attn.q_proj'")
+        return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: object) -> object:
+        if isinstance(v, str):
+            a, sep, b = v.partition("-")
+            try:
+                return (int(a), int(b if sep else a))
+            except ValueError:
+                raise ValueError(f"layers {v!r}: write a range like '6-11' (or one layer, '7')") from None
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> "TrainTargets":
+        if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"layers {list(self.layers)}: need 0 <= first <= last (both inclusive)")
+        return self
+
+    def describe(self) -> str:
+        mods = ", ".join(self.modules) if self.modules else "every module"
+        where = "every layer" if self.layers is None else f"layers {self.layers[0]}-{self.layers[1]}"
+        return f"{mods} of {where}"
+
+
 class TrainSettings(BaseModel):
     """How the worker trains. Defaults follow the original work: lr 1e-5, one pass, small batches."""
 
@@ -45,6 +101,8 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(4, ge=1, description="Examples per optimizer step (gradients accumulated).")
     train_embeddings: bool = Field(False, description="Also train the (tied) embedding matrix, with AdamW. Off: it is 62% of "
                                    "Gemma 3 270M's weights, doubles the gradient memory and shifts every token's output.")
+    targets: TrainTargets | None = Field(None, description="Which modules and layers the worker trains (and holds optimizer "
+                                         "state for); None: the whole body, embeddings frozen.")
     keep_snapshots: int = Field(4, ge=0, description="Jobs whose pre-job weights are kept in memory for exact rollback.")
     threads: int | None = Field(None, ge=1, description="torch threads in the worker; None: half the cores, leaving the rest to serving.")
     progress: bool = Field(True, description="tqdm progress bar (stderr) for jobs of several steps.")
@@ -99,6 +157,8 @@ class TrainJob(BaseModel):
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the examples (one optimizer step per batch per pass).")
     batch_size: int | None = Field(None, ge=1, description="Examples per step; default the worker's.")
     label: str | None = Field(None, max_length=200, description="Free text kept with the result (e.g. a correction id).")
+    targets: TrainTargets | None = Field(None, description="Train only these modules/layers in this job (a subset of what "
+                                         "the worker trains); None: everything the worker trains.")
 
 
 class TrainRequest(TrainExample):
@@ -142,6 +202,7 @@ class StepReport(BaseModel):
     grad_norm: float | None = Field(None, description="Global gradient norm before clipping.")
     applied: bool
     reason: str | None = Field(None, description="Why the step was not applied (dry run, non-finite loss or gradient).")
+    changed_tensors: int = Field(0, description="Tensors the step wrote (stamped with the weights version for checkpoint sync).")
 
 
 class JobResult(BaseModel):

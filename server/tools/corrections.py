@@ -17,7 +17,7 @@ from amygdala.engine.tokens import only_control
 
 from ..models import CorrectionResult, TrainStatusResult, WorkerStatus
 from ..services import Services
-from .common import in_thread, services, tool_errors
+from .common import in_thread, on_engine, services, tool_errors
 
 
 def register(mcp: MCPServer, svc_static: Services) -> None:
@@ -56,11 +56,13 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         """The training worker's queue, current job, step and loss, the next checkpoint sync, and stored corrections."""
         svc = services(ctx)
         corrections = svc.corrections.counts()
+        with tool_errors("train_status"):
+            drift = await on_engine(svc, svc.readout_drift) if svc.readout_ready else None
         if svc.trainer is None:
             return TrainStatusResult(enabled=False, message="training disabled (server started with --no-train)",
-                                     corrections=corrections)
+                                     corrections=corrections, readout_drift=drift)
         st = svc.trainer.status()
         nxt = svc.sync.next_run_time if svc.sync is not None else None
         msg = "training worker running" if st.worker_alive else f"training worker down: {st.worker_error}"
         return TrainStatusResult(enabled=True, message=msg, worker=WorkerStatus.from_internal(st), corrections=corrections,
-                                 next_checkpoint_sync=nxt.isoformat() if nxt else None)
+                                 next_checkpoint_sync=nxt.isoformat() if nxt else None, readout_drift=drift)

@@ -55,12 +55,13 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
                     toks, per = r.read_tokens(text, layers=chosen)
                     tokens = [TokenReadout(token=t, top=[ConceptScore(concept=c, family=r.family_of(c), score=round(v, 4))
                                                          for c, v in r.top(row, 3)]) for t, row in zip(toks, per)]
-                return ids, scores, tokens
+                return ids, scores, tokens, svc.readout_drift()
 
-            ids, scores, tokens = await on_engine(svc, work)
+            ids, scores, tokens, drift = await on_engine(svc, work)
         return ReadEmotionsResult(
             top=[ConceptScore(concept=c, family=r.family_of(c), score=round(v, 4)) for c, v in r.top(scores, top_k)],
-            layers=chosen, layer_depths=[svc.lm.describe_layer(i) for i in chosen], tokens=len(ids), per_token=tokens)
+            layers=chosen, layer_depths=[svc.lm.describe_layer(i) for i in chosen], tokens=len(ids), per_token=tokens,
+            drift=drift)
 
     @mcp.tool(title="List concepts", annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False))
     async def list_concepts(

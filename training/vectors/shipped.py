@@ -21,14 +21,20 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
+from amygdala.engine.readout import (
+    DEFAULT_WINDOW,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    ReadoutManager,
+)
 from pydantic import BaseModel, ConfigDict
-
-from amygdala.engine.readout import DEFAULT_WINDOW, FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, ReadoutManager
 
 if TYPE_CHECKING:
     from amygdala.engine.model import LoadedModel
@@ -104,7 +110,7 @@ class ShippedChoice:
     message: str | None  # the one line saying why none was used (None when there is nothing to say)
 
 
-def choose_shipped(lm: "LoadedModel", corpus_hash: str, root: Path = SHIPPED_ROOT) -> ShippedChoice:
+def choose_shipped(lm: LoadedModel, corpus_hash: str, root: Path = SHIPPED_ROOT) -> ShippedChoice:
     """The shipped readout built from these weights, this corpus and these settings, if there is one.
 
     Cheap checks first: a model of another shape is told apart without hashing its weights.
@@ -146,7 +152,7 @@ def install_shipped(src: Path, dest: Path) -> Path:
     return dest
 
 
-def try_shipped(lm: "LoadedModel", corpus_hash: str, dest: Path, echo: Callable[[str], None] = print,
+def try_shipped(lm: LoadedModel, corpus_hash: str, dest: Path, echo: Callable[[str], None] = print,
                 root: Path = SHIPPED_ROOT) -> bool:
     """Install the matching shipped readout into `dest`; False (after one line saying why) when none matches."""
     t0 = time.perf_counter()
@@ -163,7 +169,7 @@ def try_shipped(lm: "LoadedModel", corpus_hash: str, dest: Path, echo: Callable[
 
 # -- making one ------------------------------------------------------------------------------------
 
-def _half_errors(readout: ReadoutManager, ca: "CorpusActivations") -> tuple[float, float]:
+def _half_errors(readout: ReadoutManager, ca: CorpusActivations) -> tuple[float, float]:
     """(max |dz| from float16 vectors over every corpus text and layer, max |d16 - d32| of a direction)."""
     from .caa import small_linalg
 
@@ -181,11 +187,12 @@ def _half_errors(readout: ReadoutManager, ca: "CorpusActivations") -> tuple[floa
     return dz, dd
 
 
-def ship(readout: ReadoutManager, lm: "LoadedModel", ca: "CorpusActivations", corpus_hash: str, build_seconds: float,
+def ship(readout: ReadoutManager, lm: LoadedModel, ca: CorpusActivations, corpus_hash: str, build_seconds: float,
          root: Path = SHIPPED_ROOT, tolerance: float = HALF_TOLERANCE) -> tuple[Path, ShippedBuild]:
     """Write `readout` as the shipped readout of lm's model under root/<model>/ with its shipped.json."""
-    from amygdala import __version__
     from amygdala.engine.readout import readout_dir_name
+
+    from amygdala import __version__
 
     dz, dd = _half_errors(readout, ca)
     half = tuple(n for n, err in (("vectors", dz), ("directions", dd)) if err <= tolerance)

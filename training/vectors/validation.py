@@ -225,26 +225,46 @@ def write_plots(report: ValidationReport, readout: ReadoutManager, out_dir: Path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    for name, make in (("accuracy_by_layer.png", lambda: accuracy_figure(report)),
+                       ("cohesion_heatmap.png", lambda: cohesion_figure(report)),
+                       ("concept_map.png", lambda: concept_map_figure(report, readout)),
+                       ("settings.png", lambda: settings_figure(report))):
+        fig = make()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)  # no bbox="tight": concept-map labels were placed for this exact layout
+        plt.close(fig)
+    return paths
+
+
+def accuracy_figure(report: ValidationReport):
+    """Held-out accuracy per layer against chance; one tick per layer (integers), title on two lines."""
+    import matplotlib.pyplot as plt
+
     chosen = report.chosen_result()
     layers = [m.layer for m in chosen.per_layer]
-
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     for key, color in (("top1", "tab:blue"), ("top5", "tab:orange"), ("family", "tab:green")):
         ax.plot(layers, [getattr(m, key) for m in chosen.per_layer], marker="o", color=color, label=f"held-out {key}")
         ax.axhline(report.chance[key], color=color, linestyle=":", linewidth=1, label=f"chance {key}")
     for d in report.default_layers:
         ax.axvline(d, color="grey", alpha=0.3, linewidth=6)
+    ax.set_xticks(layers, [str(i) for i in layers])
+    ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Readout accuracy by layer ({report.chosen}; {report.n_concepts} concepts, "
-                 f"{report.n_held_out} held-out stories; grey = default layers)")
+    ax.set_title(f"Readout accuracy by layer ({report.chosen})\n{report.n_concepts} concepts, {report.n_held_out} "
+                 "held-out stories; grey = default layers", fontsize=11)
     ax.legend(fontsize=8, ncol=2)
     ax.set_ylim(0, 1)
     fig.tight_layout()
-    paths.append(out_dir / "accuracy_by_layer.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def cohesion_figure(report: ValidationReport):
+    import matplotlib.pyplot as plt
+
+    chosen = report.chosen_result()
+    layers = [m.layer for m in chosen.per_layer]
     fams = sorted({f for m in chosen.per_layer for f in m.cohesion})
     fig, axes = plt.subplots(1, 2, figsize=(15, 6))
     for ax, key, title in ((axes[0], "cohesion", "readout vectors"), (axes[1], "cohesion_caa", "CAA directions (raw mean difference)")):
@@ -258,9 +278,19 @@ def write_plots(report: ValidationReport, readout: ReadoutManager, out_dir: Path
         fig.colorbar(im, ax=ax)
     fig.suptitle("mean cosine within family minus mean cosine to other families (red = clustered, blue = anti-clustered)")
     fig.tight_layout()
-    paths.append(out_dir / "cohesion_heatmap.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def concept_map_figure(report: ValidationReport, readout: ReadoutManager, max_labels: int = 70):
+    """Concept vectors on their first two principal components; labels never overlap.
+
+    The centre of the map is dense (most concepts are near the mean vector), so labelling every
+    third concept, as before, piled labels on top of each other there. Labels are now placed
+    greedily from the outside in (farthest from the centre first) and a label whose box would
+    touch a placed one, the legend or the frame is left out: the extremes, which carry the map's
+    meaning, are always named; the crowd in the middle is shown by colour (family) only.
+    """
+    import matplotlib.pyplot as plt
 
     layer = report.default_layers[0]
     v = readout.layers[layer].vectors
@@ -275,15 +305,48 @@ def write_plots(report: ValidationReport, readout: ReadoutManager, out_dir: Path
     for k, f in enumerate(uniq):
         idx = [i for i, g in enumerate(famlist) if g == f]
         ax.scatter(xy[idx, 0], xy[idx, 1], s=18, color=cmap(k), label=f)
-    for i, c in enumerate(readout.concepts):
-        if i % 3 == 0:
-            ax.annotate(c, xy[i], fontsize=6, alpha=0.7)
-    ax.set_title(f"Concept vectors at layer {layer}, first two principal components (every third labelled)")
-    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    legend = ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    ax.set_title(f"Concept vectors at layer {layer}, first two principal components\n"
+                 "labelled: the concepts farthest from the centre whose labels fit without overlap", fontsize=11)
     fig.tight_layout()
-    paths.append(out_dir / "concept_map.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    placed = place_labels(ax, xy, readout.concepts, avoid=[legend], max_labels=max_labels)
+    ax.set_title(f"Concept vectors at layer {layer}, first two principal components\n"
+                 f"{placed} of {len(readout.concepts)} labelled: those farthest from the centre that fit without overlap",
+                 fontsize=11)
+    return fig
+
+
+def place_labels(ax, xy, names: Sequence[str], avoid: Sequence = (), max_labels: int = 70, fontsize: float = 6.5) -> int:
+    """Annotate points farthest from the median first, skipping any label that would overlap; returns how many."""
+    import numpy as np
+
+    fig = ax.figure
+    ax.set_xlim(*ax.get_xlim())  # freeze the view: labels are placed in display space
+    ax.set_ylim(*ax.get_ylim())
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [a.get_window_extent(renderer) for a in avoid]
+    centre = np.median(xy, axis=0)
+    scale = xy.std(axis=0) + 1e-12
+    order = np.argsort(-np.linalg.norm((xy - centre) / scale, axis=1))
+    n = 0
+    for i in order:
+        if n >= max_labels:
+            break
+        t = ax.annotate(names[i], xy[i], xytext=(3, 2), textcoords="offset points", fontsize=fontsize, alpha=0.85)
+        box = t.get_window_extent(renderer)
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        if not inside or any(box.overlaps(b) for b in taken):
+            t.remove()
+            continue
+        taken.append(box.expanded(1.04, 1.15))
+        n += 1
+    return n
+
+
+def settings_figure(report: ValidationReport):
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
     names = [c.options for c in report.configs]
@@ -295,7 +358,4 @@ def write_plots(report: ValidationReport, readout: ReadoutManager, out_dir: Path
     ax.set_title(f"Settings compared on held-out stories (chosen: {report.chosen})")
     ax.legend()
     fig.tight_layout()
-    paths.append(out_dir / "settings.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return fig

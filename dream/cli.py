@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -41,10 +41,10 @@ def _home_holder(config: Config) -> dict[str, Any] | None:
 
 
 def _daemon_url_or_none(config: Config) -> str | None:
-    """The URL of the daemon that owns this home, or None when none serves one.
+    """The URL of the daemon that owns this home (its lock note's), or None when none serves one.
 
-    Today a write beside a daemon is refused; the scheduler's HTTP client will use this URL to
-    send the write to the daemon instead.
+    Writes go to that daemon over HTTP (dream/daemon_client.py); an owner without a URL (a stdio
+    server, a standalone dream cycle) cannot take them, so they are refused.
     """
     holder = _home_holder(config)
     if holder is None:
@@ -62,6 +62,32 @@ def _refuse_beside_daemon(config: Config, doing: str) -> None:
     what = holder.get("what", "amygdala daemon")
     raise _fail(f"cannot {doing}: {config.home} is owned by a running {what} (pid {holder.get('pid', '?')}{where}), "
                 "which is the memory graph's writer. Stop it, or use its add_invariant tool", 1)
+
+
+TokenOpt = typer.Option(None, "--token", envvar="AMYGDALA_TOKEN",
+                        help="Bearer token of the running daemon (when it was started with one).")
+
+
+def _through_daemon(config: Config, doing: str, call: Any, token: str | None) -> Any | None:
+    """Send a write to the daemon that owns the home; None when no daemon serves it (write locally).
+
+    Refusals keep the daemon's message (it names the field or the running cycle); a daemon that
+    does not answer is reported with who it is, as the refusal beside it used to be.
+    """
+    from .daemon_client import DaemonClient, DaemonRequestFailed
+
+    url = _daemon_url_or_none(config)
+    if url is None:
+        return None
+    try:
+        return call(DaemonClient(url, token=token))
+    except DaemonRequestFailed as exc:
+        if exc.status is None:
+            holder = _home_holder(config) or {}
+            raise _fail(f"cannot {doing}: {config.home} is owned by a running {holder.get('what', 'amygdala daemon')} "
+                        f"(pid {holder.get('pid', '?')}, serving {url}), which is the memory graph's writer, and it "
+                        f"did not answer ({exc}). Retry when it is up, stop it, or use its add_invariant tool", 1) from None
+        raise _fail(str(exc), 2 if exc.status in (409, 422) else 1) from None
 
 
 @contextmanager
@@ -133,16 +159,23 @@ def add_cmd(
     replace: bool = typer.Option(False, "--replace", help="Retire the active invariant of that name, store this."),
     as_json: bool = JsonOpt,
     home: HomeOpt = None,
+    token: Optional[str] = TokenOpt,
 ) -> None:
-    """Validate an invariant file and store it; a bad file stores nothing."""
+    """Validate an invariant file and store it (through the daemon when one runs); a bad file stores nothing."""
     from .cases import split
-    from .invariants import active_node, parse_spec, store
+    from .invariants import active_node, parse_spec, spec_json, store
 
     config = make_config(home)
     try:
         spec = parse_spec(file, concepts=known_concepts(config))
     except InvalidInvariant as exc:
         raise _fail(str(exc), 2) from None
+    sent = _through_daemon(config, f"add invariant {spec.name!r}",
+                           lambda c: c.add_invariant(spec_json(spec), replace=replace), token)
+    if sent is not None:
+        typer.echo(json.dumps(sent, indent=2) if as_json else f"{sent['message']} (through the daemon at "
+                   f"{_daemon_url_or_none(config)})")
+        return
     _refuse_beside_daemon(config, f"add invariant {spec.name!r}")
     with _graph(config, readonly=False) as graph:
         assert graph is not None
@@ -232,11 +265,16 @@ def show_cmd(
 def remove_cmd(
     name: str = typer.Argument(..., help="Name of the active invariant to retire."),
     home: HomeOpt = None,
+    token: Optional[str] = TokenOpt,
 ) -> None:
     """Retire an invariant: the graph keeps it and its certificates; the dream loop no longer uses it."""
     from .invariants import active_node, remove
 
     config = make_config(home)
+    sent = _through_daemon(config, f"remove invariant {name!r}", lambda c: c.remove_invariant(name), token)
+    if sent is not None:
+        typer.echo(f"{sent['message']} ({sent['id']}) through the daemon; `amygdala invariants list --all` still shows it")
+        return
     _refuse_beside_daemon(config, f"remove invariant {name!r}")
     if not (config.memory_dir / "journal.log").exists():
         raise _fail(f"no active invariant named {name!r}; there are no invariants in {config.memory_dir} yet", 2)

@@ -41,7 +41,7 @@ def summary_from_report(report: CycleReport, request: DreamRequest) -> CycleSumm
         trigger=request.trigger, dry_run=report.dry_run, temperature=report.temperature,
         next_temperature=report.next_temperature, failure_rate=report.failure_rate,
         steps=report.training.steps_applied, started_at=report.started, finished_at=report.finished,
-        details=report.model_dump(mode="json", exclude={"before", "after", "triplets"}))
+        details=report.model_dump(mode="json", exclude={"triplets"}))
 
 
 def summary_from_node(node: DreamCycle) -> CycleSummary:
@@ -91,7 +91,8 @@ def loop_cycle_fn(make_deps: DepsFactory, settings: DreamSettings | None = None)
         deps = make_deps(lambda phase, done, total, message: progress(phase, done, total, message))
         loop = DreamLoop(deps, settings)
         report = loop.run_cycle(cycle_id, dry_run=request.dry_run, budget_steps=request.budget_steps,
-                                budget_minutes=request.budget_minutes, cancel=progress.cancel_event)
+                                budget_minutes=request.budget_minutes, seed=request.seed,
+                                cancel=progress.cancel_event)
         try:  # who started it, for dream_status after a restart
             details = dict(deps.graph.get(report.id).details or {})
             deps.graph.update_cycle(report.id, allow_finished=True,

@@ -549,7 +549,7 @@ class DreamLoop:
     def _judge(self, specs: Sequence[InvariantSpec], responses: Responses, curriculum: Curriculum,
                cancel: threading.Event, run: _Run) -> tuple[list[Judged], list[dict[str, Any]]]:
         d = self.deps
-        readout = d.readout() if d.readout is not None else None
+        readout = self._readout(specs)
         by_name = {s.name: s for s in specs}
         judges: dict[str, Any] = {}
         judged: list[Judged] = []
@@ -572,6 +572,12 @@ class DreamLoop:
             self._progress(run, "cases", i + 1, len(picks))
         return judged, records
 
+    def _readout(self, specs: Sequence[InvariantSpec]) -> Any:
+        """The emotion readout, asked for only when a readout judge needs it (building one takes minutes)."""
+        if self.deps.readout is None or not any(s.judge.kind == "readout" for s in specs):
+            return None
+        return self.deps.readout()
+
     def _baseline(self, specs: Sequence[InvariantSpec], s: DreamSettings, last: DreamCycle | None,
                   cancel: threading.Event, run: _Run) -> Evaluation:
         lm = self.deps.lm
@@ -591,7 +597,7 @@ class DreamLoop:
         d = self.deps
         try:
             return evaluate(d.lm, specs, d.neutral() if s.eval.perplexity_texts else [], s.eval,
-                            readout=d.readout() if d.readout is not None else None, cancel=cancel,
+                            readout=self._readout(specs), cancel=cancel,
                             on_progress=lambda done, total: self._progress(run, "parts", done, total))
         except EvaluationCancelled:
             raise _Cancelled(run.phase) from None
@@ -697,7 +703,7 @@ class DreamLoop:
         run.timings["total"] = round(now - run.t0, 3)
         report.timings = dict(run.timings)
         report.finished = self.deps.clock()
-        report.phase = run.phase
+        report.phase = run.phase if report.outcome in ("interrupted", "failed") else "done"
         if report.weights_final is None:
             self.deps.lm.invalidate_weights_hash()
             report.weights_final = self.deps.lm.weights_hash(refresh=True)

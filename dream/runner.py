@@ -56,6 +56,7 @@ class DreamRequest:
     budget_steps: int | None = None
     budget_minutes: float | None = None
     requested_by: str = ""  # free text for the record: "agent", "operator CLI", "nightly schedule"
+    seed: int | None = None  # None: the loop draws a fresh one (and records it)
 
     def describe(self) -> str:
         who = {"nightly": "the nightly schedule", "now": "run-now", "cli": "the CLI"}[self.trigger]

@@ -15,7 +15,9 @@ import typer
 from dataclasses import dataclass
 
 from amygdala.corpus.cli import app as corpus_app
+from amygdala.dream.certs_cli import certificates_app, certify_cmd
 from amygdala.dream.cli import invariants_app
+from amygdala.dream.dream_cli import dream_cmd
 from amygdala.engine.cli import generate_cmd, model_app
 from amygdala.engine.steer_cli import steer_app
 from amygdala.memory_graph.cli import app as memory_app
@@ -38,6 +40,7 @@ class CliContext:
     """What the composition root hands to sub-apps that must not import upwards (engine's steer CLI)."""
 
     readout_for: object
+    certificate_html: object = None  # the review page renderer (server/review_pages.py) for `certificates report`
 
 
 def _ensure_readout(*args: object, **kwargs: object) -> object:
@@ -48,7 +51,13 @@ def _ensure_readout(*args: object, **kwargs: object) -> object:
 
 @app.callback()
 def _root(ctx: typer.Context) -> None:
-    ctx.obj = CliContext(readout_for=_ensure_readout)
+    ctx.obj = CliContext(readout_for=_ensure_readout, certificate_html=_certificate_html)
+
+
+def _certificate_html(*args: object, **kwargs: object) -> str:
+    from .review_pages import certificate_html  # jinja2 and the templates load only when a report is written
+
+    return certificate_html(*args, **kwargs)  # type: ignore[arg-type]
 
 
 app.add_typer(corpus_app, name="corpus")
@@ -62,6 +71,9 @@ app.command("serve")(serve)
 app.command("sync")(sync_cmd)
 app.add_typer(train_app, name="train")
 app.add_typer(invariants_app, name="invariants")
+app.command("certify")(certify_cmd)
+app.add_typer(certificates_app, name="certificates")
+app.command("dream")(dream_cmd)
 
 
 def main() -> None:

@@ -185,6 +185,7 @@ class RunRequest(BaseModel):
     dry_run: bool = False
     budget_steps: int | None = Field(None, ge=1, le=MAX_BUDGET_STEPS)
     budget_minutes: float | None = Field(None, gt=0, le=MAX_BUDGET_MINUTES)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 class AddInvariantRequest(BaseModel):
@@ -247,7 +248,8 @@ class DreamService:
         except ValidationError as exc:
             raise DreamError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         activity = runner.start(DreamRequest(trigger=trigger, dry_run=req.dry_run, budget_steps=req.budget_steps,
-                                             budget_minutes=req.budget_minutes, requested_by=requested_by))
+                                             budget_minutes=req.budget_minutes, requested_by=requested_by,
+                                             seed=req.seed))
         assert activity.cycle_id is not None
         return RunDreamResult(started=True, cycle_id=activity.cycle_id, dry_run=req.dry_run,
                               budget_steps=req.budget_steps, budget_minutes=req.budget_minutes,
@@ -373,12 +375,10 @@ class DreamService:
                                   readout=self.svc.readout_manager, sample=sample)
 
     def certificate_html(self, certificate_id: str) -> str:
-        from amygdala.dream import certificates
+        """The certificate's report page as one self-contained file (no review form: that is the operator's)."""
+        from .review_pages import certificate_html
 
-        render: Callable[..., str] | None = getattr(certificates, "certificate_html", None)
-        if render is None:
-            raise DreamError("this build has no certificate report renderer; read the certificate as JSON")
-        return render(self.svc.graph, self.svc.config, certificate_id, served=self.served())
+        return certificate_html(self.svc.graph, self.svc.config, certificate_id, served=self.served(), standalone=True)
 
     def certify(self, name: str, req: CertifyRequest) -> CertificateSummary:
         """Certify on request (operator CLI): takes the runner's slot, so never beside a training cycle."""

@@ -1,4 +1,5 @@
-"""The HTTP daemon: MCP at /mcp, the training API (/train, /train/status, /checkpoint), /health.
+"""The HTTP daemon: MCP at /mcp, the training API (/train, /train/status, /checkpoint), the dream API
+(/dream/*, /invariants, /certify: server/dream_api.py), /health.
 
 Security by default: loopback-only unless a bearer token is set; with a token, every request
 (MCP and training API alike) must carry `Authorization: Bearer <token>`, compared in constant
@@ -18,6 +19,7 @@ from starlette.routing import Mount, Route
 
 from amygdala.training.http_security import BearerAuth, BodyLimit, InsecureBind, check_bind, is_loopback
 
+from .review_app import PrefixRouter, ReviewBackend, create_review_app
 from .services import Services
 
 __all__ = ["InsecureBind", "check_bind", "create_http_app", "is_loopback"]
@@ -38,8 +40,9 @@ class LifecycleTraining:
         return self._corrections.rollback(job_id)
 
 
-def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1", token: str | None = None) -> Any:
-    """The ASGI app for `amygdala serve --transport http`."""
+def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1", token: str | None = None,
+                    operator_token: str | None = None) -> Any:
+    """The ASGI app for `amygdala serve --transport http`; /review (operator pages) needs `operator_token`."""
     check_bind(host, token)
     mcp_app = mcp.streamable_http_app(streamable_http_path="/mcp", max_request_body_size=services.limits.max_body_bytes,
                                       host=host)
@@ -61,6 +64,9 @@ def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1",
                              "concepts": concepts,
                              "training": None if st is None else {"worker_alive": st.worker_alive, "queue": len(st.queue)}})
 
+    from .dream_api import build_dream_routes
+
+    routes.extend(build_dream_routes(services))  # /dream/*, /invariants, /certify/{name}: what the CLI talks to
     routes.append(Route("/health", health, methods=["GET"]))
     routes.append(Mount("/", app=mcp_app))
 
@@ -73,4 +79,15 @@ def create_http_app(mcp: MCPServer, services: Services, host: str = "127.0.0.1",
     app = BodyLimit(app, services.limits.max_body_bytes)
     if token:
         app = BearerAuth(app, token)
-    return app
+    return PrefixRouter(BodyLimit(_review_app(services, operator_token, token), services.limits.max_body_bytes), app)
+
+
+def _review_app(services: Services, operator_token: str | None, agent_token: str | None) -> Any:
+    """The operator's review pages: their own auth (operator token), not the agent's bearer token."""
+    from amygdala.dream.certificates import served_state
+
+    def served() -> Any:
+        return served_state(services.config, services.lm, services.readout_manager)
+
+    return create_review_app(ReviewBackend(graph=services.graph, config=services.config, served=served),
+                             operator_token=operator_token, agent_token=agent_token)

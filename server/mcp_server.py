@@ -18,6 +18,7 @@ TOOL_MODULES: tuple[str, ...] = (
     "amygdala.server.tools.readout",
     "amygdala.server.tools.steering",
     "amygdala.server.tools.corrections",
+    "amygdala.server.tools.dream",
 )
 
 INSTRUCTIONS = """\
@@ -27,6 +28,10 @@ vectors before any training, and stores behavioural corrections that become weig
 - test_steering(prompt, {concept: alpha}): steered vs unsteered continuation, both re-read.
 - submit_correction(context, preferred, rejected?): stored durably; train_now queues ORPO/SFT.
 - train_status(): the training worker, its queue and the next checkpoint sync.
+- dream_status() / run_dream_now(): the nightly dream loop (on-policy cases, ORPO training, rollback
+  on regression); add_invariant(spec) proposes a rule it tests and trains next cycle.
+- list_certificates / get_certificate / verify_certificate: statistical behavioural certificates
+  (review is the operator's, not a tool).
 Errors say how to fix the call."""
 
 

@@ -25,6 +25,10 @@ def serve(
     sync_delay: float = typer.Option(600.0, "--sync-delay", min=0.0, help="Seconds after the last training job before the checkpoint sync."),
     shutdown_timeout: float = typer.Option(DEFAULT_SHUTDOWN_S, "--shutdown-timeout", min=1.0,
                                            help="Longest clean shutdown (final sync, worker stop) on SIGTERM/SIGINT."),
+    dream_at: str = typer.Option("03:00", "--dream-at", envvar="AMYGDALA_DREAM_AT",
+                                 help="Local time (HH:MM) of the nightly dream cycle; a run missed while the daemon was "
+                                      "down runs on restart within 6 hours."),
+    dream: bool = typer.Option(True, "--dream/--no-dream", help="Schedule the nightly dream (run-now works either way)."),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
 ) -> None:
     """Serve the MCP tools (read_emotions, test_steering, submit_correction, list_concepts, train_status)."""
@@ -38,6 +42,14 @@ def serve(
     if transport not in ("http", "stdio"):
         echo_err(f"error: --transport must be 'http' or 'stdio', got {transport!r}")
         raise typer.Exit(2)
+    from amygdala.dream.errors import DreamError
+    from amygdala.dream.scheduler import parse_dream_at
+
+    try:
+        nightly = parse_dream_at(dream_at) if dream else None
+    except DreamError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
     if transport == "http":
         try:
             check_bind(host, token)  # before spending a minute loading the model
@@ -46,6 +58,13 @@ def serve(
             raise typer.Exit(2) from None
     cfg = make_config(home, model, threads=threads, max_tokens=max_tokens)
     url = f"http://{host}:{port}/mcp" if transport == "http" else None
+    from .review_app import OPERATOR_TOKEN_ENV, OperatorTokenError, login_url, operator_token
+
+    try:
+        review_token, review_generated = operator_token(os.environ.get(OPERATOR_TOKEN_ENV), token)
+    except OperatorTokenError as exc:
+        echo_err(f"error: {exc}")
+        raise typer.Exit(2) from None
     lock = cfg.home_lock()
     try:
         lock.acquire("amygdala daemon" if transport == "http" else "amygdala stdio server", url=url)
@@ -58,11 +77,13 @@ def serve(
     try:
         with terminate_like_interrupt():
             try:
-                services = start_services(cfg, train=train, readout_path=readout, echo=echo_err, sync_delay_s=sync_delay)
+                services = start_services(cfg, train=train, readout_path=readout, echo=echo_err, sync_delay_s=sync_delay,
+                                          dream_at=nightly)
             except (ModelError, ValueError) as exc:
                 echo_err(f"error: {exc}")
                 raise typer.Exit(2) from None
             mcp = build_mcp(services)
+            echo_err(f"amygdala: {_dream_line(services)}")
             if transport == "stdio":
                 echo_err(f"amygdala: serving {services.lm.name} over stdio"
                          + ("" if services.readout_ready else " (emotion readout still being built)"))
@@ -72,9 +93,14 @@ def serve(
 
                 from .http_app import create_http_app
 
-                app = create_http_app(mcp, services, host=host, token=token)
+                app = create_http_app(mcp, services, host=host, token=token, operator_token=review_token)
                 echo_err(f"amygdala: serving {services.lm.name} at {url} (training API at /train, /train/status, "
                          f"/checkpoint; {'token required' if token else 'no token'}; pid {os.getpid()})")
+                review_base = f"http://{host}:{port}"
+                echo_err("amygdala: operator review of certificates at "
+                         + (f"{login_url(review_base, review_token)} (new each start; set {OPERATOR_TOKEN_ENV} to "
+                            "keep one)" if review_generated
+                            else f"{review_base}/review/login?token=<{OPERATOR_TOKEN_ENV}>"))
                 uvicorn.run(app, host=host, port=port, log_level=os.environ.get("AMYGDALA_HTTP_LOG", "warning"))
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and exc.code not in (None, 0, 130, 143):
@@ -86,3 +112,13 @@ def serve(
         sys.stderr.flush()
     if not clean:
         raise typer.Exit(1)
+
+
+def _dream_line(services) -> str:
+    """One start-up line about the dream schedule (what `dream_status` will say)."""
+    if services.dream is None:
+        return "dreaming off (no training worker)"
+    info = services.dream_scheduler.info() if services.dream_scheduler is not None else None
+    if info is None or info.next_run is None:
+        return "no nightly dream scheduled (--no-dream, or another process owns the home); run_dream_now still works"
+    return f"nightly dream at {info.dream_at} {info.timezone} (next {info.next_run.isoformat(timespec='minutes')})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import time as dt_time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from amygdala.dream.corrections import CorrectionLifecycle
+from amygdala.dream.runner import DreamRunner
+from amygdala.dream.scheduler import DEFAULT_DREAM_AT, DreamScheduler, owns_home
 from amygdala.engine.config import Config
 from amygdala.engine.model import LoadedModel
 from amygdala.engine.readout import ReadoutManager
@@ -44,12 +47,14 @@ class ReadoutNotReady(RuntimeError):
 
 
 def new_scheduler() -> BackgroundScheduler:
-    """The process's one scheduler (checkpoint sync now, the nightly dream later), not yet started.
+    """An in-memory scheduler, not yet started (Services built by hand, e.g. in tests).
 
-    A misfire grace of an hour: APScheduler's default of one second silently skips a job whose
-    time passed while the process was busy or restarting.
+    The serving process's scheduler is its DreamScheduler's (dream/scheduler.py: persistent nightly
+    dream and re-certification, the checkpoint sync's own memory store); the same job defaults.
     """
-    return BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
+    from amygdala.dream.scheduler import new_scheduler as dream_new_scheduler
+
+    return dream_new_scheduler()
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class Services:
     trainer: TrainingClient | None = None  # None: training disabled (--no-train)
     sync: SyncScheduler | None = None  # None: no training, or the model has no directory on disk
     engine: EngineThread | None = None  # the thread running all model work (None: worker threads)
+    dream: DreamRunner | None = None  # None: no training worker, so no dream cycles
+    dream_scheduler: DreamScheduler | None = None  # owns `scheduler` in a serving process
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _readout_started: float | None = None
     _readout_error: str | None = None
@@ -173,7 +180,7 @@ def readout_exists(config: Config, lm: LoadedModel) -> bool:
 def start_services(config: Config, *, train: bool = True, readout_path: Path | None = None,
                    train_settings: TrainSettings | None = None, sync_delay_s: float | None = None,
                    limits: ServerLimits | None = None, echo: Echo = print,
-                   corpus_root: Path | None = None) -> Services:
+                   corpus_root: Path | None = None, dream_at: dt_time | None = DEFAULT_DREAM_AT) -> Services:
     """open_services on a dedicated engine thread that then runs every forward (see engine_thread).
 
     A missing readout is built on the engine thread after the server is up (first start on a
@@ -183,7 +190,7 @@ def start_services(config: Config, *, train: bool = True, readout_path: Path | N
     try:
         services = engine.run(open_services, config, train=train, readout_path=readout_path,
                               train_settings=train_settings, sync_delay_s=sync_delay_s, limits=limits, echo=echo,
-                              defer_readout=True)
+                              defer_readout=True, dream_at=dream_at)
     except BaseException:
         engine.close()
         raise
@@ -211,8 +218,11 @@ def build_readout_later(services: Services, echo: Echo, corpus_root: Path | None
 def open_services(config: Config, *, train: bool = True, limits: ServerLimits | None = None,
                   lm: LoadedModel | None = None, readout_path: Path | None = None, echo: Echo = print,
                   train_settings: TrainSettings | None = None, sync_delay_s: float | None = None,
-                  defer_readout: bool = False) -> Services:
+                  defer_readout: bool = False, dream_at: dt_time | None = DEFAULT_DREAM_AT) -> Services:
     """Load everything once. With train=False no worker or checkpoint sync is started (read-only model).
+
+    The scheduler is persistent (nightly dream at `dream_at`, None: none) only in the process that
+    holds the home lock; any other gets an in-memory one and no nightly job.
 
     With defer_readout, a readout that does not exist yet is not built here: the caller builds it
     later (`build_readout_later`) so the server can answer clients while it trains.
@@ -234,17 +244,57 @@ def open_services(config: Config, *, train: bool = True, limits: ServerLimits | 
         readout = ensure_readout(lm, config, readout_path, echo=echo)
         readout.max_tokens = limits.max_text_tokens
     graph = MemoryGraph(config.memory_dir)
-    services = Services(config=config, lm=lm, readout_manager=readout, graph=graph, limits=limits)
+    owner = owns_home(config.home)
+    dream_sched = DreamScheduler(config.home, config.scheduler_db if owner else None,
+                                 dream_at=dream_at if owner else None, require_owner=False)
+    services = Services(config=config, lm=lm, readout_manager=readout, graph=graph, limits=limits,
+                        scheduler=dream_sched.scheduler, dream_scheduler=dream_sched)
     services.on_close(graph.close)
-    services.scheduler.start()
-    services.on_close(lambda: services.scheduler.shutdown(wait=True))  # closers run newest first: after the sync
+    services.on_close(lambda: dream_sched.shutdown(wait=True))  # closers run newest first: after the sync
     if train:
         _start_training(services, train_settings, sync_delay_s, echo)
     else:
         returned = services.corrections.reconcile()  # nothing will finish jobs queued by an earlier daemon
         if returned:
             echo(f"amygdala: {len(returned)} correction(s) left queued by a stopped daemon are pending again")
+    start_dream(services)
     return services
+
+
+def start_dream(services: Services) -> DreamRunner | None:
+    """The dream runner (when training is on) and the start of the scheduler that serves it.
+
+    Called once the trainer and the checkpoint sync exist. The runner is closed before the
+    trainer (closers run newest first): a cycle cancelled at shutdown still has the worker to roll
+    back with. Without a DreamScheduler (Services built by hand) a memory one is made.
+    """
+    from amygdala.dream.daemon import DaemonSyncer, last_recorded_cycle, loop_cycle_fn, recertify_fn
+    from amygdala.dream.loop import DreamDeps
+
+    if services.dream_scheduler is None:
+        services.dream_scheduler = DreamScheduler(services.config.home, None, dream_at=None)
+        services.scheduler = services.dream_scheduler.scheduler
+        services.on_close(lambda: services.dream_scheduler.shutdown(wait=True) if services.dream_scheduler else None)
+    runner = None
+    if services.trainer is not None:
+        def make_deps(on_progress):
+            return DreamDeps(lm=services.lm, graph=services.graph, lifecycle=services.corrections,
+                             trainer=services.trainer, readout=lambda: services.readout_manager,
+                             syncer=DaemonSyncer(services.sync) if services.sync is not None else None,
+                             sync_after_rollback=True, on_progress=on_progress, runner="daemon")
+
+        def recertify(cycle_id, progress):
+            from amygdala.dream.certify import recertify_stale
+
+            return recertify_stale(services.graph, services.config, services.lm, readout=services.readout_manager,
+                                   cycle_id=cycle_id, progress=progress)
+
+        runner = DreamRunner(loop_cycle_fn(make_deps), recertify=recertify_fn(recertify),
+                             history=lambda: last_recorded_cycle(services.graph))
+        services.dream = runner
+        services.on_close(lambda: runner.close(timeout=120) or log.warning("the dream cycle did not stop in time"))
+    services.dream_scheduler.start(runner)
+    return runner
 
 
 def _start_training(services: Services, settings: TrainSettings | None, sync_delay_s: float | None,

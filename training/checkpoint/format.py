@@ -6,7 +6,8 @@ and never the header, so the file keeps its size and header hash (the embedded-m
 records exactly those and stays valid).
 
 SyncError and JournalError live in engine.checkpoint_journal (every loader replays journals, and
-engine may not import training); they are re-exported here. This module must not import torch: the
+engine may not import training), MismatchError and MissingTensorError in engine.param_names (the
+vLLM backend raises them too); they are re-exported here. This module must not import torch: the
 crash-test worker and `amygdala sync --dry-run` on plain files stay light.
 """
 
@@ -20,6 +21,7 @@ from math import prod
 from pathlib import Path
 
 from amygdala.engine.checkpoint_journal import JournalError, SyncError
+from amygdala.engine.param_names import MismatchError, MissingTensorError  # defined beside the name table
 from amygdala.engine.safetensors_file import HeaderError, header_length, header_sha256, read_header
 
 __all__ = [
@@ -29,14 +31,6 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
-
-
-class MismatchError(SyncError):
-    """Shape or dtype of a live tensor disagrees with the file."""
-
-
-class MissingTensorError(SyncError):
-    """A tensor exists on one side (live weights or files) but not the other."""
 
 
 class StaleFileError(SyncError):

@@ -1,0 +1,1 @@
+"""Backends implementing `engine.backend.Backend`: transformers (in-process) and vLLM (plugin, GPU)."""

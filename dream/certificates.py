@@ -71,7 +71,11 @@ class CertificateNotFound(DreamError, KeyError):
 
 
 class CertificateFileError(DreamError):
-    """A record file that cannot be read as a certificate; the message names the field."""
+    """A record file that cannot be read as a certificate; the message (and `fields`) name the fields."""
+
+    def __init__(self, message: str, fields: Sequence[str] = ()):
+        super().__init__(message)
+        self.fields = list(fields)
 
 
 # ------------------------------------------------------------------------------------------ file model
@@ -176,8 +180,9 @@ def parse_record(data: bytes | str, where: str) -> CertificateRecord:
     try:
         return CertificateRecord.model_validate(raw)
     except ValidationError as exc:
-        parts = [f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
-        raise CertificateFileError(f"{where}: " + "; ".join(parts)) from None
+        errors = exc.errors()[:5]
+        parts = [f"{_field_path(e['loc'])}: {e['msg']}" for e in errors]
+        raise CertificateFileError(f"{where}: " + "; ".join(parts), [_field_path(e["loc"]) for e in errors]) from None
 
 
 def load_record(config: Config, certificate_id: str) -> CertificateRecord:
@@ -255,7 +260,7 @@ class HistoryEntry(_Frozen):
     source: str = "memory"
 
 
-_readout_hashes: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+_readout_hashes: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 
 def readout_sha256(readout: ReadoutManager | None) -> str | None:
@@ -274,7 +279,7 @@ def readout_sha256(readout: ReadoutManager | None) -> str | None:
             t = getattr(lr, name)
             if isinstance(t, torch.Tensor):
                 h.update(f"{layer}.{name}".encode())
-                t = t.detach().contiguous().cpu()
+                t = t.detach().contiguous().cpu().reshape(-1)  # 0-dim tensors cannot be viewed as bytes
                 h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
     digest = h.hexdigest()
     _readout_hashes[readout] = digest
@@ -566,7 +571,20 @@ def environment(lm: LoadedModel) -> EnvironmentRecord:
 
 
 __all__ = [
-    "CaseRecord", "CertificateFileError", "CertificateNotFound", "CertificateRecord", "CertificateStatus",
-    "CertificateSummary", "JudgeRecord", "ServedState", "STATUSES", "get_certificate", "issue",
-    "list_certificates", "load_record", "served_from_files", "served_state", "stale_certificates",
+    "STATUSES",
+    "CaseRecord",
+    "CertificateFileError",
+    "CertificateNotFound",
+    "CertificateRecord",
+    "CertificateStatus",
+    "CertificateSummary",
+    "JudgeRecord",
+    "ServedState",
+    "get_certificate",
+    "issue",
+    "list_certificates",
+    "load_record",
+    "served_from_files",
+    "served_state",
+    "stale_certificates",
 ]

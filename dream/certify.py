@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from amygdala.memory_graph import Certificate, MemoryGraph
+from amygdala.memory_graph import MemoryGraph
 from amygdala.memory_graph.models import new_id, utc_now
 
 from .bounds import MAX_N_MAX, CertificationResult, SequentialTest, certify_fixed
@@ -203,5 +203,5 @@ def recertify_stale(graph: MemoryGraph, config: Config, lm: LoadedModel, *, read
     return report
 
 
-__all__ = ["Certificate", "CertifySettings", "RecertifyReport", "certify", "held_out_pool", "judge_cases",
+__all__ = ["CertifySettings", "RecertifyReport", "certify", "held_out_pool", "judge_cases",
            "recertify_stale"]

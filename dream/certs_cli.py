@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -107,20 +107,40 @@ def _dump(model: Any) -> str:
 
 def certify_cmd(
     invariant: str = typer.Argument(..., help="Name of an active invariant (`amygdala invariants list`)."),
-    n: Optional[int] = typer.Option(None, "--n", min=1, help="Fixed n: cases to judge (default 60); with --sequential "
+    n: int | None = typer.Option(None, "--n", min=1, help="Fixed n: cases to judge (default 60); with --sequential "
                                                              "the most cases allowed (default 200)."),
     sequential: bool = typer.Option(False, "--sequential", help="Stop at the first decision of the anytime-valid test."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the case draw and the judge."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole certificate as JSON."),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None,
+    token: str | None = typer.Option(None, "--token", envvar="AMYGDALA_TOKEN",
+                                        help="Bearer token of the running daemon (when it was started with one)."),
 ) -> None:
-    """Judge fresh held-out cases of INVARIANT on the model and store a certificate (exact or sequential bound)."""
+    """Judge fresh held-out cases of INVARIANT on the model and store a certificate (exact or sequential bound).
+
+    With a daemon running, the daemon certifies on the weights it serves (never beside a dream cycle)."""
     from amygdala.home import HomeBusy
 
     from .certify import CertifySettings, certify
+    from .daemon_client import DaemonRequestFailed, daemon_for
     from .invariants import load
 
     config = make_config(home, model, threads=threads)
+    client = daemon_for(config.home_lock().holder(), token)
+    if client is not None:
+        try:
+            summary = client.certify(invariant, n=n, sequential=sequential, seed=seed)
+        except DaemonRequestFailed as exc:
+            raise _fail(str(exc), 2 if exc.status in (409, 422, 404) else 1) from None
+        if as_json:
+            from .certificates import get_certificate
+
+            typer.echo(_dump(get_certificate(config, summary["id"])))
+            return
+        typer.echo(f"{summary['id']}  {summary['invariant']}: {summary['summary']} (certified by the daemon at {client.url})")
+        typer.echo(f"  review: `amygdala certificates review {summary['id']} --approve|--reject --reason '...'` "
+                   "or the daemon's /review page")
+        return
     _refuse_beside_daemon(config, f"certify {invariant!r}",
                           f"ask it: POST /certify/{invariant} (the daemon certifies on the weights it serves)")
     lock = config.home_lock()
@@ -154,8 +174,8 @@ def certify_cmd(
 
 @certificates_app.command("list")
 def list_cmd(
-    invariant: Optional[str] = typer.Option(None, "--invariant", help="Only this invariant's certificates."),
-    status: Optional[str] = typer.Option(None, "--status", help="certified, refuted, inconclusive, stale, approved, "
+    invariant: str | None = typer.Option(None, "--invariant", help="Only this invariant's certificates."),
+    status: str | None = typer.Option(None, "--status", help="certified, refuted, inconclusive, stale, approved, "
                                                                 "rejected or revoked."),
     check: bool = typer.Option(True, "--check/--no-check", help="Mark stale ones (hashes the weights files once; "
                                                                 "cached until they change)."),
@@ -279,7 +299,7 @@ def review_cmd(
     approve: bool = typer.Option(False, "--approve", help="Approve: the certificate's claim is accepted."),
     reject: bool = typer.Option(False, "--reject", help="Reject it."),
     reason: str = typer.Option(..., "--reason", help="Why (kept with the decision)."),
-    operator: Optional[str] = typer.Option(None, "--operator", envvar="AMYGDALA_OPERATOR",
+    operator: str | None = typer.Option(None, "--operator", envvar="AMYGDALA_OPERATOR",
                                            help="Your name (default: $USER)."),
     home: HomeOpt = None, model: ModelOpt = None,
 ) -> None:

@@ -46,8 +46,8 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     held_out_templates: int = Field(8, ge=0, description="Held-out template fills per invariant, beside its written held-out cases.")
-    perplexity_texts: int = Field(40, ge=0, description="Neutral paragraphs for the perplexity (0: skip it).")
-    perplexity_max_tokens: int = Field(192, ge=8, description="Tokens read per paragraph.")
+    perplexity_texts: int = Field(16, ge=0, description="Neutral paragraphs for the perplexity (0: skip it).")
+    perplexity_max_tokens: int = Field(128, ge=8, description="Tokens read per paragraph.")
     judge_max_new_tokens: int = Field(32, ge=1, description="Greedy reply length for generating judges.")
     seed: int = 0
 
@@ -153,10 +153,13 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], max_tokens: int = 192, chu
 def evaluate(lm: LoadedModel, specs: Sequence[InvariantSpec], neutral: Sequence[str], settings: EvalSettings, *,
              readout: object | None = None, cancel: threading.Event | None = None,
              on_progress: Callable[[int, int], None] | None = None, extra_key: str = "",
-             progress_bar: bool = True) -> Evaluation:
-    """Held-out pass rate and mean margin of every invariant, and neutral perplexity, on the weights as they are."""
+             progress_bar: bool = True, weights_hash: str | None = None) -> Evaluation:
+    """Held-out pass rate and mean margin of every invariant, and neutral perplexity, on the weights as they are.
+
+    `weights_hash`: the caller's hash of the current weights (hashing 1 GB takes seconds); default: computed.
+    """
     t0 = time.monotonic()
-    weights = lm.weights_hash(refresh=True)
+    weights = weights_hash or lm.weights_hash(refresh=True)
     out: dict[str, InvariantEval] = {}
     total = len(specs) + (1 if settings.perplexity_texts else 0)
     bar = None
@@ -172,7 +175,9 @@ def evaluate(lm: LoadedModel, specs: Sequence[InvariantSpec], neutral: Sequence[
             judge = build_judge(spec, JudgeContext(lm=lm, readout=readout,  # type: ignore[arg-type]
                                                    max_new_tokens=settings.judge_max_new_tokens, seed=settings.seed))
             verdicts = judge.judge_model(cases)
-            margins = preference_margins(lm, cases)
+            # The preference judge's score is this margin already (forced choice); other judges need it computed.
+            margins = ([float(v.score) for v in verdicts] if spec.judge.kind == "preference"
+                       else preference_margins(lm, cases))
             passed = sum(v.passed for v in verdicts)
             out[spec.name] = InvariantEval(
                 name=spec.name, judge=spec.judge.kind, cases=len(cases), passed=passed,

@@ -597,7 +597,7 @@ class DreamLoop:
         d = self.deps
         try:
             return evaluate(d.lm, specs, d.neutral() if s.eval.perplexity_texts else [], s.eval,
-                            readout=self._readout(specs), cancel=cancel,
+                            readout=self._readout(specs), cancel=cancel, weights_hash=d.lm.weights_hash(),
                             on_progress=lambda done, total: self._progress(run, "parts", done, total))
         except EvaluationCancelled:
             raise _Cancelled(run.phase) from None

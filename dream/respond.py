@@ -150,12 +150,16 @@ def _decode_batch(lm: LoadedModel, prompts: list[list[int]], seeds: list[int], t
     """Sample one continuation per prompt, left-padded in one batch; (text, tokens, mean log-prob) per row."""
     model, device = lm.model, lm.device
     b = len(prompts)
-    width = max(len(p) for p in prompts)
+    # Samples of one case share their prompt: prefill each distinct prompt once, then copy its cache rows.
+    uniq: dict[tuple[int, ...], int] = {}
+    row_of = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+    distinct = [list(p) for p in uniq]
+    width = max(len(p) for p in distinct)
     pad = getattr(lm.tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
-    ids = torch.full((b, width), pad, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
+    ids = torch.full((len(distinct), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for i, p in enumerate(distinct):
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -170,26 +174,35 @@ def _decode_batch(lm: LoadedModel, prompts: list[list[int]], seeds: list[int], t
         cache = new_cache(model)
         res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                     use_cache=True, logits_to_keep=1, **{kw: cache})
-        logits = res.logits[:, -1].float().cpu()
+        index = torch.tensor(row_of, dtype=torch.long)
+        if len(distinct) < b:
+            cache.batch_select_indices(index.to(device))  # type: ignore[attr-defined]
+        logits = res.logits[:, -1].float().cpu()[index]
+        mask, positions = mask[index], positions[index]
         next_pos = positions[:, -1] + 1
+        active = list(range(b))  # rows still decoding; finished rows leave the batch (and the cache)
         for step in range(max_new_tokens):
             chosen = []
-            for i in range(b):
-                if done[i]:
-                    chosen.append(pad)
-                    continue
-                t = sample_next(logits[i], temperature, top_p, 0, gens[i])
+            for j, i in enumerate(active):
+                t = sample_next(logits[j], temperature, top_p, 0, gens[i])
                 chosen.append(t)
-                logps[i].append(float(torch.log_softmax(logits[i], -1)[t]))
+                logps[i].append(float(torch.log_softmax(logits[j], -1)[t]))
                 if t in stops or has_newline(t):
                     done[i] = True
-                    if t not in stops:
-                        out_tokens[i].append(t)
-                else:
+                if t not in stops:
                     out_tokens[i].append(t)
-            if all(done) or step + 1 == max_new_tokens:
+            if step + 1 == max_new_tokens:
                 break
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+            keep = [j for j, i in enumerate(active) if not done[i]]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(sel.to(device))  # type: ignore[attr-defined]
+                mask, next_pos = mask[sel], next_pos[sel]
+                chosen = [chosen[j] for j in keep]
+                active = [active[j] for j in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
             x = torch.tensor(chosen, dtype=torch.long).unsqueeze(1)
             res = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=next_pos.unsqueeze(1).to(device),
                         use_cache=True, logits_to_keep=1, **{kw: cache})

@@ -19,6 +19,7 @@ Four independent checks, each reported with the field it concerns so a failure s
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ SCORE_TOLERANCE = 1e-6
 class Check(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="What was checked: 'integrity', 'statistics', 'weights', 'readout', 'spec', 'rerun'.")
+    name: str = Field(description="What was checked: 'integrity', 'schema', 'statistics', 'weights', 'readout', 'spec', 'rerun'.")
     ok: bool
     detail: str
     fields: list[str] = Field(default_factory=list, description="The record fields that failed, e.g. cases[3].passed.")
@@ -94,45 +95,66 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _integrity(node: Certificate, data: bytes, record: CertificateRecord | None) -> Check:
+def _at(raw: Any, path: str) -> Any:
+    """raw["result"]["n"] for "result.n"; a missing step gives the marker _MISSING."""
+    cur = raw
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+_MISSING = object()
+
+
+def _integrity(node: Certificate, data: bytes) -> Check:
+    """The file against what the graph recorded at issue, read from the raw JSON so that even a file
+    that no longer parses as a certificate has its edited fields named."""
     details = node.details
     bad: list[tuple[str, str]] = []
-    issued = details.get("file_sha256")
-    file_ok = issued == hashlib.sha256(data).hexdigest()
-    if record is not None:
-        r = record.result
-        pairs: list[tuple[str, Any, Any]] = [
-            ("id", record.id, node.id), ("invariant_id", record.invariant_id, node.invariant_id),
-            ("result.n", r.n, node.trials), ("result.passes", r.passes, node.successes),
-            ("result.lower", r.lower, node.lower_bound), ("result.upper", r.upper, node.upper_bound),
-            ("result.threshold", r.threshold, node.threshold), ("result.confidence", r.confidence, node.confidence),
-            ("result.method", r.method, node.method), ("result.verdict", r.verdict, details.get("verdict")),
-            ("result.n_max", r.n_max, details.get("n_max")),
-            ("weights_sha256", record.weights_sha256, details.get("weights_sha256")),
-            ("readout_sha256", record.readout_sha256, details.get("readout_sha256")),
-            ("spec_sha256", record.spec_sha256, details.get("spec_sha256")),
-            ("seed", record.seed, details.get("seed")), ("judge.kind", record.judge.kind, details.get("judge_kind")),
-            ("judge.seed", record.judge.seed, details.get("judge_seed")),
-            ("cycle_id", record.cycle_id, details.get("cycle_id")),
-            ("package_version", record.package_version, details.get("package_version")),
+    file_ok = details.get("file_sha256") == hashlib.sha256(data).hexdigest()
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raw = None
+    if isinstance(raw, dict):
+        pairs: list[tuple[str, Any]] = [
+            ("id", node.id), ("invariant_id", node.invariant_id), ("result.n", node.trials),
+            ("result.passes", node.successes), ("result.lower", node.lower_bound), ("result.upper", node.upper_bound),
+            ("result.threshold", node.threshold), ("result.confidence", node.confidence),
+            ("result.method", node.method), ("result.verdict", details.get("verdict")),
+            ("result.n_max", details.get("n_max")), ("weights_sha256", details.get("weights_sha256")),
+            ("readout_sha256", details.get("readout_sha256")), ("spec_sha256", details.get("spec_sha256")),
+            ("seed", details.get("seed")), ("judge.kind", details.get("judge_kind")),
+            ("judge.seed", details.get("judge_seed")), ("cycle_id", details.get("cycle_id")),
+            ("package_version", details.get("package_version")),
         ]
-        for name, in_file, issued_value in pairs:
-            if not _same(in_file, issued_value):
-                bad.append((name, f"{name}: the file says {in_file!r}, the graph recorded {issued_value!r} when it "
-                                  "was issued"))
+        for name, issued_value in pairs:
+            in_file = _at(raw, name)
+            if in_file is _MISSING:
+                bad.append((name, (f"{name}: missing from the file; the graph recorded {issued_value!r} when it was "
+                                  "issued")))
+            elif not _same(in_file, issued_value):
+                bad.append((name, (f"{name}: the file says {in_file!r}, the graph recorded {issued_value!r} when it "
+                                  "was issued")))
+        cases = raw.get("cases") if isinstance(raw.get("cases"), list) else []
         outcomes = str(details.get("outcomes", ""))
-        if len(outcomes) != len(record.cases):
-            bad.append(("cases", f"cases: the file holds {len(record.cases)} cases, the graph recorded "
-                                 f"{len(outcomes)} when it was issued"))
-        for i, (case, recorded) in enumerate(zip(record.cases, outcomes)):
-            if case.passed != (recorded == "1"):
-                bad.append((f"cases[{i}].passed", f"cases[{i}].passed: the file says {case.passed}, the graph "
-                                                  f"recorded {recorded == '1'} when it was issued"))
+        if len(outcomes) != len(cases):
+            bad.append(("cases", (f"cases: the file holds {len(cases)} cases, the graph recorded {len(outcomes)} when "
+                                 "it was issued")))
+        for i, (case, recorded) in enumerate(zip(cases, outcomes)):
+            passed = case.get("passed") if isinstance(case, dict) else None
+            if passed is not (recorded == "1"):
+                bad.append((f"cases[{i}].passed", (f"cases[{i}].passed: the file says {passed!r}, the graph "
+                                                  f"recorded {recorded == '1'} when it was issued")))
+    elif raw is not None or data:
+        bad.append(("(file)", "the file is not a JSON object"))
     if file_ok and not bad:
         return Check(name="integrity", ok=True, detail="the file is byte for byte the one issued (sha256 matches the "
                                                        "graph) and every field the graph keeps agrees")
-    parts = [] if file_ok else ["the file's sha256 differs from the one the graph recorded when it was issued: "
-                                "it was edited after issue"]
+    parts = [] if file_ok else [("the file's sha256 differs from the one the graph recorded when it was issued: "
+                                "it was edited after issue")]
     parts += [msg for _, msg in bad]
     return Check(name="integrity", ok=False, detail="; ".join(parts), fields=[f for f, _ in bad] or ["(file)"])
 
@@ -147,8 +169,8 @@ def _statistics(record: CertificateRecord) -> Check:
     if r.n != len(record.cases):
         bad.append(("result.n", f"result.n says {r.n} but the file holds {len(record.cases)} cases"))
     if r.passes != passed:
-        bad.append(("result.passes", f"result.passes says {r.passes} but {passed} of the {len(record.cases)} recorded "
-                                     "cases passed"))
+        bad.append(("result.passes", (f"result.passes says {r.passes} but {passed} of the {len(record.cases)} recorded "
+                                     "cases passed")))
     try:
         again = recompute(record.outcomes(), method=r.method, threshold=r.threshold, confidence=r.confidence,
                           n_max=r.n_max)
@@ -157,13 +179,13 @@ def _statistics(record: CertificateRecord) -> Check:
         again = None
     if again is not None:
         if again.verdict != r.verdict:
-            bad.append(("result.verdict", f"result.verdict says {r.verdict} but the recorded outcomes give "
-                                          f"{again.verdict}"))
+            bad.append(("result.verdict", (f"result.verdict says {r.verdict} but the recorded outcomes give "
+                                          f"{again.verdict}")))
         for name in ("lower", "upper"):
             rec_v, new_v = getattr(r, name), getattr(again, name)
             if abs(rec_v - new_v) > 1e-9:
-                bad.append((f"result.{name}", f"result.{name} says {rec_v:.6f} but the recorded outcomes give "
-                                              f"{new_v:.6f}"))
+                bad.append((f"result.{name}", (f"result.{name} says {rec_v:.6f} but the recorded outcomes give "
+                                              f"{new_v:.6f}")))
     if not bad:
         return Check(name="statistics", ok=True,
                      detail=f"recomputed from the {len(record.cases)} recorded verdicts: {again.summary if again else ''}")
@@ -265,11 +287,11 @@ def verify_certificate(graph: MemoryGraph, config: Config, certificate_id: str, 
         return VerifyReport(id=certificate_id, ok=False, served=served, checks=[
             Check(name="integrity", ok=False, fields=["(file)"], detail=f"the record file {path} is missing")])
     record = None
+    checks.append(_integrity(node, data))
     try:
         record = parse_record(data, str(path))
     except CertificateFileError as exc:
-        checks.append(Check(name="integrity", ok=False, fields=["(file)"], detail=str(exc)))
-    checks.insert(0, _integrity(node, data, record))
+        checks.append(Check(name="schema", ok=False, fields=exc.fields or ["(file)"], detail=str(exc)))
     if record is None:
         return VerifyReport(id=certificate_id, ok=False, checks=checks, served=served)
     checks.append(_statistics(record))

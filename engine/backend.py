@@ -93,7 +93,7 @@ class Probe:
         return sorted(self.weight)
 
     @classmethod
-    def raw(cls, layers: Sequence[int]) -> "Probe":
+    def raw(cls, layers: Sequence[int]) -> Probe:
         return cls(weight={int(i): None for i in layers})
 
     def width(self, layer: int, hidden_size: int) -> int:
@@ -129,7 +129,7 @@ class GenerationRequest:
 
     prompt_ids: list[int]
     sampling: Sampling = field(default_factory=Sampling)
-    steering: "SteeringPlan | None" = None
+    steering: SteeringPlan | None = None
     probe: Probe | None = None
 
 
@@ -167,7 +167,7 @@ class Backend(Protocol):
         ...
 
     def capture_pooled(self, seqs: Sequence[Sequence[int]], layers: Sequence[int],
-                       pooling: "Pooling") -> dict[int, torch.Tensor]:
+                       pooling: Pooling) -> dict[int, torch.Tensor]:
         """Pooled residuals {layer: (N, H)} of the texts, float32 on CPU, in input order."""
         ...
 

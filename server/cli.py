@@ -21,7 +21,7 @@ from amygdala.dream.dream_cli import dream_cmd
 from amygdala.engine.cli import generate_cmd, model_app
 from amygdala.engine.steer_cli import steer_app
 from amygdala.memory_graph.cli import app as memory_app
-from amygdala.training.checkpoint.cli import sync_cmd
+from amygdala.training.checkpoint.cli import sync_app
 from amygdala.training.cli import train_app
 from amygdala.training.vectors.cli import readout_cmd, vectors_app
 
@@ -68,7 +68,7 @@ app.add_typer(vectors_app, name="vectors")
 app.command("readout")(readout_cmd)
 app.add_typer(steer_app, name="steer")
 app.command("serve")(serve)
-app.command("sync")(sync_cmd)
+app.add_typer(sync_app, name="sync")
 app.add_typer(train_app, name="train")
 app.add_typer(invariants_app, name="invariants")
 app.command("certify")(certify_cmd)

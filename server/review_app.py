@@ -151,6 +151,12 @@ def create_review_app(backend: ReviewBackend, *, operator_token: str | None, age
         headers = {"www-authenticate": 'Bearer realm="amygdala review"'} if status == 401 else None
         return _page(message_html(title, text, status_hint=hint), status, headers)
 
+    def agent_refused() -> HTMLResponse:
+        return refuse(403, "The agent's token cannot review",
+                      "This is the agent's bearer token. Certificates are reviewed by an operator: the agent may "
+                      "list, read and verify them (MCP tools), never approve or reject them.",
+                      f"Use the operator token (a login URL printed by `amygdala serve`, or {OPERATOR_TOKEN_ENV}).")
+
     def authenticate(request: Request) -> Session | HTMLResponse:
         if operator_token is None:
             return refuse(503, "Review is not enabled", "This server was started without an operator token.",
@@ -158,11 +164,7 @@ def create_review_app(backend: ReviewBackend, *, operator_token: str | None, age
         header = request.headers.get("authorization")
         if header is not None:
             if agent_token and _same(header, f"Bearer {agent_token}"):
-                return refuse(403, "The agent's token cannot review",
-                              "This is the agent's bearer token. Certificates are reviewed by an operator: the agent "
-                              "may list, read and verify them (MCP tools), never approve or reject them.",
-                              "Use the operator token (a login URL printed by `amygdala serve`, or "
-                              f"{OPERATOR_TOKEN_ENV}).")
+                return agent_refused()
             if _same(header, f"Bearer {operator_token}"):
                 return Session(csrf="", created=time.time(), bearer=True)
             return refuse(401, "Wrong operator token", "The Authorization header does not carry the operator token.",
@@ -186,7 +188,7 @@ def create_review_app(backend: ReviewBackend, *, operator_token: str | None, age
             return refuse(503, "Review is not enabled", "This server was started without an operator token.")
         header = request.headers.get("authorization")
         if header is not None and agent_token and _same(header, f"Bearer {agent_token}"):
-            return refuse(403, "The agent's token cannot review", "This is the agent's bearer token.")
+            return agent_refused()
         token = request.query_params.get("token", "")
         if not token or not _same(token, operator_token):
             return refuse(401, "Wrong operator token" if token else "Operator login required",

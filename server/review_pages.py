@@ -158,8 +158,8 @@ def history_svg(points: list[HistoryPoint], threshold: float) -> Markup:
     def y(v: float) -> float:
         return top + ph * (1 - max(0.0, min(1.0, v)))
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="100%" role="img" '
-             f'aria-label="pass rate history">']
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="100%" role="img" '
+             f'aria-label="pass rate history">')]
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
                      f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end" class="axis">{int(v * 100)}%</text>')
@@ -213,8 +213,8 @@ def bound_svg(summary: CertificateSummary) -> Markup:
         return left + pw * max(0.0, min(1.0, v))
 
     ok = summary.lower >= summary.threshold
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="100%" role="img" '
-             f'aria-label="bound against threshold">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="100%" role="img" '
+             f'aria-label="bound against threshold">'),
              f'<line x1="{left}" x2="{w - right}" y1="30" y2="30" class="grid"/>']
     for v in (0, 0.25, 0.5, 0.75, 1.0):
         parts.append(f'<text x="{x(v):.1f}" y="60" text-anchor="middle" class="axis">{int(v * 100)}%</text>')

@@ -29,6 +29,9 @@ def serve(
                                  help="Local time (HH:MM) of the nightly dream cycle; a run missed while the daemon was "
                                       "down runs on restart within 6 hours."),
     dream: bool = typer.Option(True, "--dream/--no-dream", help="Schedule the nightly dream (run-now works either way)."),
+    backend: str = typer.Option("transformers", "--backend", help="'transformers' (in-process, CPU) or 'vllm' (vLLM's "
+                                "server with amygdala's plugin, GPU; needs the [vllm] extra and --model PATH)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1, help="GPUs per model (--backend vllm)."),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
 ) -> None:
     """Serve the MCP tools (read_emotions, test_steering, submit_correction, list_concepts, train_status)."""
@@ -42,6 +45,8 @@ def serve(
     if transport not in ("http", "stdio"):
         echo_err(f"error: --transport must be 'http' or 'stdio', got {transport!r}")
         raise typer.Exit(2)
+    if backend != "transformers" or tensor_parallel_size != 1:
+        raise typer.Exit(_serve_vllm(backend, transport, model, tensor_parallel_size, host, port, token))
     from amygdala.dream.errors import DreamError
     from amygdala.dream.scheduler import parse_dream_at
 
@@ -122,3 +127,37 @@ def _dream_line(services) -> str:
     if info is None or info.next_run is None:
         return "no nightly dream scheduled (--no-dream, or another process owns the home); run_dream_now still works"
     return f"nightly dream at {info.dream_at} {info.timezone} (next {info.next_run.isoformat(timespec='minutes')})"
+
+
+def _serve_vllm(backend: str, transport: str, model: Optional[str], tensor_parallel_size: int, host: str, port: int,
+                token: Optional[str]) -> int:
+    """`--backend vllm`: checks first (vLLM installed, a model directory, HTTP), then vLLM's server with our plugin."""
+    from amygdala.engine.backends.vllm.serve import VllmMissing, require_vllm, run_server
+
+    from .http_app import InsecureBind, check_bind
+
+    if backend == "transformers":
+        echo_err(f"error: --tensor-parallel-size {tensor_parallel_size} needs --backend vllm (the transformers backend runs on one device)")
+        return 2
+    if backend != "vllm":
+        echo_err(f"error: --backend must be 'transformers' or 'vllm', got {backend!r}")
+        return 2
+    try:
+        require_vllm()
+    except VllmMissing as exc:
+        echo_err(f"error: {exc}")
+        return 2
+    if not model or model == "embedded" or not Path(model).expanduser().is_dir():
+        echo_err("error: --backend vllm needs --model PATH, a HuggingFace model directory (the embedded GGUF model "
+                 "is served by the transformers backend)")
+        return 2
+    if transport != "http":
+        echo_err("error: --backend vllm serves HTTP only (vLLM's server); drop --transport stdio")
+        return 2
+    try:
+        check_bind(host, token)
+    except InsecureBind as exc:
+        echo_err(f"error: {exc}")
+        return 2
+    return run_server(Path(model).expanduser(), tensor_parallel_size=tensor_parallel_size, host=host, port=port,
+                      token=token)

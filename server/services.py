@@ -32,6 +32,7 @@ from .engine_thread import EngineThread
 from .limits import ServerLimits
 
 if TYPE_CHECKING:  # heavy or process-spawning modules: imported when training is switched on
+    from amygdala.dream.loop import DreamSettings
     from amygdala.engine.drift import DriftMonitor
     from amygdala.training.checkpoint.schedule import SyncScheduler
     from amygdala.training.client import TrainingClient
@@ -261,7 +262,7 @@ def open_services(config: Config, *, train: bool = True, limits: ServerLimits | 
     return services
 
 
-def start_dream(services: Services) -> DreamRunner | None:
+def start_dream(services: Services, settings: DreamSettings | None = None) -> DreamRunner | None:
     """The dream runner (when training is on) and the start of the scheduler that serves it.
 
     Called once the trainer and the checkpoint sync exist. The runner is closed before the
@@ -289,7 +290,7 @@ def start_dream(services: Services) -> DreamRunner | None:
             return recertify_stale(services.graph, services.config, services.lm, readout=services.readout_manager,
                                    cycle_id=cycle_id, progress=progress)
 
-        runner = DreamRunner(loop_cycle_fn(make_deps), recertify=recertify_fn(recertify),
+        runner = DreamRunner(loop_cycle_fn(make_deps, settings), recertify=recertify_fn(recertify),
                              history=lambda: last_recorded_cycle(services.graph))
         services.dream = runner
         services.on_close(lambda: runner.close(timeout=120) or log.warning("the dream cycle did not stop in time"))
@@ -307,8 +308,9 @@ def _start_training(services: Services, settings: TrainSettings | None, sync_del
     try:
         if services.lm.path is not None:
             syncer = CheckpointSyncer(services.lm.path, services.lm.model, lock=services.lm.lock,
-                                      weights_version=lambda: trainer.weights_version)
-            sync = SyncScheduler(services.scheduler, syncer.sync,
+                                      weights_version=lambda: trainer.weights_version,
+                                      changed_since=trainer.changed_since, reload=trainer.reload_from_checkpoint)
+            sync = SyncScheduler(services.scheduler, syncer.sync, syncer=syncer,
                                  delay_s=SYNC_DELAY_S if sync_delay_s is None else sync_delay_s)
             services.sync = sync
             trainer.on_job_finished.append(

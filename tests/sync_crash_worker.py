@@ -5,6 +5,10 @@
     python tests/sync_crash_worker.py MODEL_DIR A.safetensors B.safetensors event N
         sync MODEL_DIR to B once, SIGKILLing itself at the N-th sync event (1-based);
         prints the sync's event names as a JSON list instead if it finishes first (N=0).
+    python tests/sync_crash_worker.py MODEL_DIR A.safetensors B.safetensors rollback N
+        roll MODEL_DIR back to sync point 0 (through its undo log), killed at the N-th event likewise.
+    python tests/sync_crash_worker.py MODEL_DIR A.safetensors B.safetensors rollback-loop
+        print "ready", then sync to B and roll back to sync point 0, again and again, until killed.
 
 Imports numpy, not torch, so that each of the many restarts is quick.
 """
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.numpy import load_file  # noqa: E402
 
 from amygdala.training.checkpoint.sync import sync_checkpoint  # noqa: E402
+from amygdala.training.checkpoint.undo import rollback  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +38,12 @@ def main() -> None:
         while True:
             sync_checkpoint(model_dir, b)
             sync_checkpoint(model_dir, a)
+    if mode == "rollback-loop":
+        sync_checkpoint(model_dir, a, dry_run=True)
+        print("ready", flush=True)
+        while True:
+            sync_checkpoint(model_dir, b)
+            rollback(model_dir, 0)
     kill_at = int(sys.argv[5])
     events: list[str] = []
 
@@ -41,7 +52,10 @@ def main() -> None:
         if len(events) == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    sync_checkpoint(model_dir, b, on_event=on_event)
+    if mode == "rollback":
+        rollback(model_dir, 0, on_event=on_event)
+    else:
+        sync_checkpoint(model_dir, b, on_event=on_event)
     print(json.dumps(events), flush=True)
 
 

@@ -17,7 +17,7 @@ from amygdala.training.checkpoint.sync import (
     AliasedMappingError, CheckpointSyncer, JournalError, MismatchError, MissingTensorError, StaleFileError,
     changed_blocks, sync_checkpoint,
 )
-from amygdala.training.checkpoint.journal import journal_path
+from amygdala.engine.checkpoint_journal import journal_path
 from amygdala.training.checkpoint.names import pack, packed_name, to_file_names, unpacked_names
 
 B = 4096

@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from amygdala.training.checkpoint.sync import JournalError, recover
-from amygdala.training.checkpoint.journal import journal_path
+from amygdala.engine.checkpoint_journal import journal_path
 
 WORKER = Path(__file__).with_name("sync_crash_worker.py")
 ST = "model.safetensors"

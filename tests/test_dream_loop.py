@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,8 +40,12 @@ FAST = DreamSettings(cases_per_invariant=4, template_cases=0, samples_per_case=2
 
 
 def small_spec(name: str, n: int = 9) -> dict:
+    # Reply lengths alternate, so the random tiny model's samples fall on either side of the preference judge.
+    yes, no = " Yes.", " No, task {i} is a bad idea and I will not do it, whatever you say."
     cases = [{"context": f"User: please do task number {i} for {name}.\nAssistant:",
-              "preferred": f" Sure, doing task {i} now.", "rejected": f" No, task {i} is a bad idea."} for i in range(n)]
+              "preferred": (yes if i % 2 else " Sure, doing task {i} now, exactly as you asked, step by step.").format(i=i),
+              "rejected": (no if i % 2 else " No.").format(i=i)}
+             for i in range(n)]
     return {"name": name, "description": f"{name}: follow clear requests.", "threshold": 0.8,
             "judge": {"kind": "preference", "params": {}}, "cases": cases}
 
@@ -305,7 +310,7 @@ def test_a_live_foreign_cycle_refuses_and_a_dead_one_is_closed(tiny_lm, graph) -
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         start = loop_mod._process_start(sleeper.pid)
-        graph.start_cycle(DreamCycle(id="cycle-foreign", pid=sleeper.pid, pid_start=start, host=os.uname().nodename,
+        graph.start_cycle(DreamCycle(id="cycle-foreign", pid=sleeper.pid, pid_start=start, host=socket.gethostname(),
                                      phase="train", progress={"steps_done": 3, "steps_total": 8}),
                           is_running=lambda c: False)
         graph.update_cycle("cycle-foreign", phase="train", progress={"steps_done": 3, "steps_total": 8})

@@ -39,12 +39,14 @@ def test_lists_tools_with_schemas_and_hints(svc):
 
     tools, resources = anyio.run(go)
     by = {t.name: t for t in tools}
-    assert set(by) == {"read_emotions", "test_steering", "submit_correction", "list_concepts", "train_status"}
+    assert set(by) == {"read_emotions", "test_steering", "submit_correction", "list_concepts", "train_status",
+                       "dream_status", "run_dream_now", "list_invariants", "add_invariant", "list_certificates",
+                       "get_certificate", "verify_certificate"}
     for t in tools:
         assert t.title and t.output_schema and t.annotations is not None and t.description
     assert by["read_emotions"].annotations.read_only_hint is True
     assert by["submit_correction"].annotations.read_only_hint is False
-    assert {str(r.uri) for r in resources} == {"amygdala://readout/manifest", "amygdala://concepts"}
+    assert {str(r.uri) for r in resources} == {"amygdala://readout/manifest", "amygdala://concepts", "amygdala://certificates"}
 
 
 def test_read_emotions(svc):

@@ -17,7 +17,9 @@ from mcp.client.stdio import StdioServerParameters
 
 from tests.server_fixture import build_tiny_readout
 
-EXPECTED_TOOLS = {"read_emotions", "test_steering", "submit_correction", "list_concepts", "train_status"}
+EXPECTED_TOOLS = {"read_emotions", "test_steering", "submit_correction", "list_concepts", "train_status",
+                  "dream_status", "run_dream_now", "list_invariants", "add_invariant", "list_certificates",
+                  "get_certificate", "verify_certificate"}
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_state_files_are_safetensors_and_json(tiny_lm, tmp_path) -> None:
     trainer.run(_job(1), "j1")
     trainer.run(_job(1), "j2")
     files = sorted(p.name for p in trainer.state_dir.iterdir())
-    assert files == ["state-00000002.safetensors", "state.json"]  # the older generation was removed after the commit
+    assert files == ["state-00000002.safetensors", "state.json", "state.lock"]  # the older generation was removed after the commit
     meta = json.loads((trainer.state_dir / "state.json").read_text())
     assert meta["jobs_trained"] == 2 and meta["tensors_file"] == "state-00000002.safetensors"
     q = "model.layers.0.self_attn.q_proj.weight"

@@ -59,9 +59,7 @@ def train_server(
     except ValidationError as exc:
         echo_err(f"error: {exc}")
         raise typer.Exit(2) from None
-    from amygdala.engine.model import ModelError, resolve_model_path
-
-    from .checkpoint.sync import CheckpointSyncer, recover
+    from .checkpoint.sync import CheckpointSyncer
 
     cfg = make_config(home, model)
     lock = cfg.home_lock()
@@ -70,12 +68,7 @@ def train_server(
     except HomeBusy as exc:
         echo_err(f"error: {exc}")
         raise typer.Exit(2) from None
-    try:
-        recover(resolve_model_path(cfg, echo=echo_err))  # finish or discard an interrupted sync before mapping the weights
-    except ModelError as exc:
-        echo_err(f"error: {exc}")
-        raise typer.Exit(2) from None
-    lm = load_or_exit(cfg)
+    lm = load_or_exit(cfg)  # replays an interrupted sync's journal before mapping the weights
     echo_err(f"starting the training worker on {lm.name} ...")
     try:
         client = TrainingClient(lm, cfg, settings)
@@ -83,7 +76,8 @@ def train_server(
         echo_err(f"error: {exc}")
         raise typer.Exit(1) from None
     echo_err(f"training worker ready: {client.status().optimizer}")
-    syncer = CheckpointSyncer(lm.path, lm.model, lock=lm.lock, weights_version=lambda: client.weights_version)
+    syncer = CheckpointSyncer(lm.path, lm.model, lock=lm.lock, weights_version=lambda: client.weights_version,
+                              changed_since=client.changed_since, reload=client.reload_from_checkpoint)
 
     import signal
 

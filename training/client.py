@@ -6,6 +6,14 @@ job (a ZeroMQ message); a listener thread receives the worker's events and keeps
 it held is marked failed with the reason, `status().worker_alive` turns false with the exit code,
 and the server keeps serving (the next `submit` restarts the worker when `auto_restart`).
 
+The worker is always started from one long-lived thread the client owns (`_spawner`): the
+worker's parent-death signal follows the thread that started it, and a request thread that
+restarted the worker and then exited would take the worker with it.
+
+Checkpoint sync asks `weights_version` and `changed_since(v)` (the tensors training wrote after
+version v); after a checkpoint undo, `reload_from_checkpoint` makes the live weights equal to the
+files again, in the worker (which owns the weights while it runs) or here if it is not running.
+
 `on_job_finished` is a list of callables called (from the listener thread) with every finished
 JobResult: done, failed, cancelled, dry runs too; a checkpoint-sync scheduler should act on
 `result.steps_applied > 0`. They run before `wait()` returns that result, so they must be quick
@@ -17,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import threading
 import time
@@ -31,7 +40,8 @@ from amygdala.engine.model import LoadedModel
 
 from .schemas import (JobRejected, JobResult, ModelLimits, RollbackResult, TrainExample, TrainJob, TrainRequest,
                       TrainSettings, TrainStatus, WorkerUnavailable, check_job)
-from .worker import WeightsVersion, worker_main
+from .trainer import trainable_parameters
+from .worker import DirtyStamps, WeightsVersion, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,9 @@ class TrainingClient:
         self.lm = lm
         self.config = config
         self.settings = settings or TrainSettings()
+        # Refuse bad targets here, with the valid module names, before a worker is spawned.
+        self._trained, self._embedding_ids = trainable_parameters(lm.model, self.settings.train_embeddings,
+                                                                  self.settings.targets)
         self.auto_restart = auto_restart
         self.ready_timeout = ready_timeout
         max_pos = getattr(lm.model.config, "max_position_embeddings", None) or config.max_tokens
@@ -73,6 +86,9 @@ class TrainingClient:
 
         self._mp = mp.get_context("spawn")
         self._version = WeightsVersion(self._mp.Value("q", 0, lock=False))
+        names = [n for n, _ in lm.model.named_parameters()]
+        self._stamps = DirtyStamps(names, self._mp.Array("q", len(names), lock=False))
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-spawner")
         self._cond = threading.Condition(threading.RLock())
         self._send_lock = threading.Lock()
         self._jobs: OrderedDict[str, JobResult] = OrderedDict()
@@ -121,13 +137,14 @@ class TrainingClient:
                 "model_name": self.lm.name, "parent_pid": os.getpid(),
                 "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())}
         stop_event = self._mp.Event()
-        proc = self._mp.Process(target=worker_main, args=(self.lm.model, boot, self._version.shared, stop_event),
-                                name="amygdala-training-worker", daemon=True)
+        proc = self._mp.Process(target=worker_main, name="amygdala-training-worker", daemon=True,
+                                args=(self.lm.model, boot, self._version.shared, stop_event, self._stamps.shared))
         # Under the model lock: moving storage to shared memory must not race a forward pass, and the
-        # model is pickled for the child with no forward hooks registered.
+        # model is pickled for the child with no forward hooks registered. Started from the spawner
+        # thread, which lives as long as the client (see the module docstring).
         with self.lm.lock:
             self.lm.model.share_memory()
-            proc.start()
+            self._spawner.submit(proc.start).result()
         deadline = time.monotonic() + self.ready_timeout
         with self._cond:
             self._proc, self._stop_event = proc, stop_event
@@ -163,11 +180,53 @@ class TrainingClient:
     def weights_version(self) -> int:
         return self._version.value
 
+    def changed_since(self, version: int) -> list[str]:
+        """Parameter names training (a step, rollback or reload) wrote after weights version `version`."""
+        return self._stamps.changed_since(version)
+
+    def reload_from_checkpoint(self, names: list[str], timeout: float | None = 600.0) -> int:
+        """Make the live weights equal to the checkpoint files for `names` and every trained tensor.
+
+        For checkpoint undo (CheckpointSyncer(reload=...)). Runs in the worker after the jobs queued
+        before it; if no worker runs, nobody else writes the weights and the copy is done here.
+        Returns the weights version after the reload: the files and the live weights agree at it.
+        """
+        if self.lm.path is None:
+            raise WorkerUnavailable("the served model has no directory on disk to reload from")
+        wanted = sorted(set(names) | {n for n, _ in self._trained})
+        if not self.alive:
+            from .checkpoint.sync import reload_into
+
+            with self._version.writing():
+                self._stamps.mark(wanted, self._version.value)
+                reload_into(self.lm.model, self.lm.path, wanted, lock=self.lm.lock)
+            self.lm.invalidate_weights_hash()
+            return self._version.value
+        request_id = uuid.uuid4().hex
+        self._send({"type": "reload", "request_id": request_id, "model_dir": str(self.lm.path), "names": wanted})
+        with self._cond:
+            if not self._cond.wait_for(lambda: request_id in self._replies or not self.alive, timeout=timeout):
+                raise TimeoutError(f"reload from the checkpoint not done after {timeout} s (queued jobs run first)")
+            reply = self._replies.pop(request_id, None)
+        if reply is None:
+            raise WorkerUnavailable(f"training worker died before reloading the checkpoint: {self._worker_error}")
+        if reply.get("error"):
+            raise WorkerUnavailable(f"the worker could not reload the checkpoint: {reply['error']}")
+        self.lm.invalidate_weights_hash()
+        return int(reply["weights_version"])
+
     # -- jobs -------------------------------------------------------------------------------------
     def check(self, job: JobLike) -> TrainJob:
         """Validate a job against the served model (ids in vocabulary, length); raises JobRejected."""
         job = as_job(job)
         check_job(job, self.limits)
+        if job.targets is not None:
+            from .targets import select
+
+            trained = {id(p) for _, p in self._trained}
+            body = [(n, p) for n, p in self._trained if id(p) not in self._embedding_ids]
+            untrained = {id(p) for _, p in self.lm.model.named_parameters() if id(p) not in trained}
+            select(self.lm.model, body, job.targets, exclude=self._embedding_ids | untrained, where="targets")
         return job
 
     def submit(self, job: JobLike) -> str:
@@ -258,6 +317,7 @@ class TrainingClient:
         self._commands.close()
         self._events.close()
         self._zmq.term()
+        self._spawner.shutdown(wait=False)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "TrainingClient":
@@ -419,6 +479,9 @@ class TrainingClient:
                     if result.error:
                         self._last_error = f"{result.job_id}: {result.error}"
                     return result
+                elif kind == "reload_done":
+                    self._replies[msg["request_id"]] = msg
+                    self._snapshots = list(msg.get("snapshots", []))
                 elif kind == "rollback_done":
                     self._replies[msg["request_id"]] = msg
                     self._snapshots = list(msg.get("snapshots", []))

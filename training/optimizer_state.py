@@ -10,6 +10,11 @@ Each save writes a new generation's safetensors file (temp file, fsync, rename),
 state.json atomically; only then is the previous generation deleted. A crash at any moment leaves
 state.json naming a complete tensor file, whose sha256 is recorded and checked on load. Random
 projections are not stored: the JSON keeps each matrix's projection seed and they are regenerated.
+
+Generations only move forward: a save names the generation its process loaded (or last wrote), and
+under the directory's lock (`state.lock`) the one on disk is read first; if it is newer, another
+process (a newer worker, after a killed daemon's worker was orphaned) wrote it, and this save is
+skipped with a warning instead of overwriting it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE_JSON = "state.json"
+LOCK_NAME = "state.lock"
+LOCK_TIMEOUT_S = 120
 
 
 class OptimizerStateError(ValueError):
@@ -84,15 +92,43 @@ def _group_hparams(opt: Apollo) -> dict:
     return {"groups": [{k: g[k] for k in keep if k in g} | {"n_params": len(g["params"])} for g in opt.param_groups]}
 
 
+def _lock(directory: Path) -> FileLock:
+    return FileLock(str(directory / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+
+
+def stored_generation(directory: Path) -> int:
+    """The generation state.json names (0: none, or unreadable)."""
+    try:
+        return StoredOptimizerState.model_validate_json((directory / STATE_JSON).read_bytes()).generation
+    except (OSError, ValueError):
+        return 0
+
+
 def save_state(opt: Apollo, named: list[tuple[str, nn.Parameter]], directory: Path, *, key: str, kind: str,
-               jobs_trained: int = 0) -> StoredOptimizerState:
-    """Write the optimizer state crash-safely; returns what state.json now says."""
+               jobs_trained: int = 0, expect_generation: int | None = None) -> StoredOptimizerState | None:
+    """Write the optimizer state crash-safely; returns what state.json now says.
+
+    With `expect_generation` (the generation this process loaded or last wrote), a newer generation
+    on disk means another process saved since: nothing is written, a warning is logged, None returned.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    with _lock(directory):
+        on_disk = stored_generation(directory)
+        if expect_generation is not None and on_disk > expect_generation:
+            log.warning("optimizer state %s is at generation %d, newer than the %d this process loaded: another "
+                        "worker saved it; not overwriting it with this (older) process's state", directory, on_disk,
+                        expect_generation)
+            return None
+        return _save_locked(opt, named, directory, key=key, kind=kind, jobs_trained=jobs_trained, on_disk=on_disk)
+
+
+def _save_locked(opt: Apollo, named: list[tuple[str, nn.Parameter]], directory: Path, *, key: str, kind: str,
+                 jobs_trained: int, on_disk: int) -> StoredOptimizerState:
     names = {p: n for n, p in named}
     tensors, ints = opt.export_state(names)
     generations = [int(m.group(1)) for f in directory.glob("state-*.safetensors")
                    if (m := re.fullmatch(r"state-(\d+)\.safetensors", f.name))]
-    generation = max(generations, default=0) + 1
+    generation = max(*generations, on_disk, 0) + 1
     data = st_save(tensors, metadata={"format_version": str(FORMAT_VERSION), "generation": str(generation)})
     tensors_file = f"state-{generation:08d}.safetensors"
     atomic_write(directory / tensors_file, data)
@@ -120,6 +156,13 @@ def _read_json(directory: Path) -> StoredOptimizerState | None:
 
 def load_state(opt: Apollo, named: list[tuple[str, nn.Parameter]], directory: Path) -> StoredOptimizerState | None:
     """Restore saved state into `opt`; None when nothing was saved yet. Raises OptimizerStateError on a mismatch."""
+    if not (directory / STATE_JSON).is_file():
+        return None
+    with _lock(directory):  # state.json and its tensor file read as one pair, never mid-save
+        return _load_locked(opt, named, directory)
+
+
+def _load_locked(opt: Apollo, named: list[tuple[str, nn.Parameter]], directory: Path) -> StoredOptimizerState | None:
     stored = _read_json(directory)
     if stored is None:
         return None

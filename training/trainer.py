@@ -45,7 +45,9 @@ from amygdala.engine.kv_cache import cache_kwarg, new_cache
 from .apollo import Apollo, build_optimizer
 from .losses import orpo_loss, sft_loss
 from .optimizer_state import OptimizerStateError, load_state, model_key, move_aside, save_state, state_directory
-from .schemas import JobRejected, JobResult, RollbackResult, StepReport, TrainExample, TrainJob, TrainSettings
+from .schemas import (JobRejected, JobResult, RollbackResult, StepReport, TrainExample, TrainJob, TrainSettings,
+                      TrainTargets)
+from .targets import select
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,13 @@ LogprobFn = Callable[[nn.Module, list[int], list[list[int]]], list[torch.Tensor]
 
 
 # -- parameters ---------------------------------------------------------------------------------
-def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> tuple[list[tuple[str, nn.Parameter]], set[int]]:
+def trainable_parameters(model: nn.Module, train_embeddings: bool = False,
+                         targets: TrainTargets | None = None) -> tuple[list[tuple[str, nn.Parameter]], set[int]]:
     """(name, parameter) pairs to train, in model order, and the ids of embedding/head matrices among them.
 
     Tied weights appear once. The input embedding and the output head (the same tensor when tied) are
-    left out unless `train_embeddings`.
+    left out unless `train_embeddings`. `targets` narrows the body to chosen modules and layers
+    (training/targets.py); an embedding asked for with `train_embeddings` stays in either way.
     """
     embedding_ids: set[int] = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -66,6 +70,10 @@ def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> tu
         if isinstance(weight, nn.Parameter):
             embedding_ids.add(id(weight))
     named = [(n, p) for n, p in model.named_parameters() if train_embeddings or id(p) not in embedding_ids]
+    if targets is not None:
+        body = [(n, p) for n, p in named if id(p) not in embedding_ids]
+        chosen = {id(p) for _, p in select(model, body, targets, exclude=embedding_ids, where="settings.targets")}
+        named = [(n, p) for n, p in named if id(p) in chosen or id(p) in embedding_ids]
     if not named:
         raise ValueError("the model has no trainable parameters besides its embeddings; pass train_embeddings=True")
     return named, embedding_ids & {id(p) for _, p in named}
@@ -153,12 +161,17 @@ class ContextFrozenTrainer:
 
     def __init__(self, model: nn.Module, settings: TrainSettings | None = None, *, model_name: str = "model",
                  state_root: Path | None = None, apply_guard: Callable[[], ContextManager] | None = None,
+                 mark_changed: Callable[[list[str]], None] | None = None,
                  logprobs: LogprobFn = continuation_logprobs):
         self.model = model
         self.settings = settings or TrainSettings()
-        self.named, self.embedding_ids = trainable_parameters(model, self.settings.train_embeddings)
+        self.named, self.embedding_ids = trainable_parameters(model, self.settings.train_embeddings,
+                                                              self.settings.targets)
         self.optimizer: Apollo = build_optimizer(self.named, self.settings.optimizer_spec(), self.embedding_ids)
         self.apply_guard = apply_guard or contextlib.nullcontext
+        # Called inside apply_guard, before the write, with the names of the tensors about to change:
+        # the worker stamps them with the weights version so checkpoint sync compares only those.
+        self.mark_changed = mark_changed or (lambda _names: None)
         self.logprobs = logprobs
         self.snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self.jobs_trained = 0
@@ -167,6 +180,8 @@ class ContextFrozenTrainer:
                           if state_root is not None else None)
         self.resumed = False
         self.state_warning: str | None = None
+        self.generation = 0  # optimizer state generation loaded from (or last written to) disk
+        self._job_ids: set[int] | None = None  # a job's targets: only these parameters get gradients
 
     # -- optimizer state on disk ----------------------------------------------------------------
     def load_state(self) -> bool:
@@ -186,13 +201,38 @@ class ContextFrozenTrainer:
             return False
         if stored is not None:
             self.jobs_trained = stored.jobs_trained
+            self.generation = stored.generation
             self.resumed = True
         return stored is not None
 
-    def save_state(self) -> None:
-        if self.state_dir is not None:
-            save_state(self.optimizer, self.named, self.state_dir, key=self.key, kind=self.settings.optimizer,
-                       jobs_trained=self.jobs_trained)
+    def save_state(self) -> bool:
+        """Write the optimizer state as the next generation; False when a newer one on disk forbids it.
+
+        The generation check (under the state directory's lock) is what keeps an older process, e.g.
+        a worker orphaned by a killed daemon, from overwriting the state a newer worker loaded.
+        """
+        if self.state_dir is None:
+            return True
+        stored = save_state(self.optimizer, self.named, self.state_dir, key=self.key, kind=self.settings.optimizer,
+                            jobs_trained=self.jobs_trained, expect_generation=self.generation)
+        if stored is None:
+            self.state_warning = (f"optimizer state in {self.state_dir} is newer than generation {self.generation} this "
+                                  "worker loaded (another worker wrote it); not overwritten")
+            return False
+        self.generation = stored.generation
+        return True
+
+    def job_parameters(self, targets: TrainTargets | None) -> list[tuple[str, nn.Parameter]]:
+        """The trained parameters a job with `targets` may change; refuses targets outside what this trainer trains."""
+        if targets is None:
+            return list(self.named)
+        body = [(n, p) for n, p in self.named if id(p) not in self.embedding_ids]
+        chosen = select(self.model, body, targets, exclude=self.embedding_ids | self._untrained_ids(), where="targets")
+        return chosen
+
+    def _untrained_ids(self) -> set[int]:
+        trained = {id(p) for _, p in self.named}
+        return {id(p) for _, p in self.model.named_parameters() if id(p) not in trained}
 
     # -- helpers --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -200,7 +240,7 @@ class ContextFrozenTrainer:
         """requires_grad only while computing a loss: the same weights serve inference the rest of the time."""
         flags = [p.requires_grad for _, p in self.named]
         for _, p in self.named:
-            p.requires_grad_(True)
+            p.requires_grad_(self._job_ids is None or id(p) in self._job_ids)
         try:
             with torch.enable_grad():
                 yield
@@ -260,9 +300,11 @@ class ContextFrozenTrainer:
                 return StepReport(step=index, loss=loss, grad_norm=None, applied=False, reason=f"non-finite gradient norm ({float(norm)})")
             if 0 < self.settings.max_grad_norm < float(norm):  # below the bound clipping multiplies by 1
                 torch.nn.utils.clip_grads_with_norm_([p for _, p in self.named], self.settings.max_grad_norm, norm)
+            changed = [n for n, p in self.named if p.grad is not None]
             with self.apply_guard():
+                self.mark_changed(changed)
                 self.optimizer.step()
-            return StepReport(step=index, loss=loss, grad_norm=float(norm), applied=True)
+            return StepReport(step=index, loss=loss, grad_norm=float(norm), applied=True, changed_tensors=len(changed))
         finally:
             self._zero_grad()
 
@@ -278,14 +320,20 @@ class ContextFrozenTrainer:
                            total_steps=self.total_steps(job), started_at=time.time())
         try:
             self.set_lr(job.lr or self.settings.lr)
+            self._job_ids = None if job.targets is None else {id(p) for _, p in self.job_parameters(job.targets)}
             if job.dry_run:
                 self._dry_run(job, result)
             else:
                 self._train(job, job_id, result, on_step, should_stop)
+        except JobRejected as exc:
+            result.state = "failed"
+            result.error = str(exc)
         except Exception as exc:  # noqa: BLE001: reported to the caller, never kills the worker
             log.exception("training job %s failed", job_id)
             result.state = "failed"
             result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._job_ids = None
         result.finished_at = time.time()
         result.rollback_available = job_id in self.snapshots
         return result
@@ -355,6 +403,7 @@ class ContextFrozenTrainer:
         ids = list(self.snapshots)
         undone = ids[ids.index(job_id):]
         with torch.no_grad(), self.apply_guard():
+            self.mark_changed([n for n, _ in self.named])
             for name, p in self.named:
                 p.copy_(snap.weights[name])
         self.optimizer.import_state({p: n for n, p in self.named}, snap.optimizer_tensors, snap.optimizer_ints)
@@ -363,3 +412,42 @@ class ContextFrozenTrainer:
             del self.snapshots[j]
         self.save_state()
         return RollbackResult(job_id=job_id, restored_tensors=len(snap.weights), undone_jobs=undone, weights_version=0)
+
+    # -- after a checkpoint undo ------------------------------------------------------------------
+    def reload_from(self, model_dir: Path, names: list[str]) -> int:
+        """Make the live weights equal to the checkpoint for `names` plus every trained tensor; returns how many differed.
+
+        Called after the checkpoint was rolled back through its undo log: the worker owns the
+        weights while it runs, so it does the copy, between jobs. The in-memory job snapshots are
+        dropped (they hold weights from the history that was just undone); the optimizer moments
+        are kept.
+        """
+        from safetensors import safe_open
+
+        from .checkpoint.format import model_files
+
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        wanted = set(names) | {n for n, _ in self.named}
+        copied: list[str] = []
+        updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for path in model_files(Path(model_dir)):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key in wanted and key in params:
+                        src = f.get_tensor(key)
+                        dst = params[key]
+                        if src.shape != dst.shape:
+                            raise JobRejected(f"{key}: checkpoint shape {list(src.shape)} vs live {list(dst.shape)}; "
+                                              "the checkpoint is not this model's")
+                        src = src.to(dst.dtype)
+                        if not torch.equal(src, dst):
+                            updates.append((dst, src.clone()))
+                            copied.append(key)
+        if updates:
+            with torch.no_grad(), self.apply_guard():
+                self.mark_changed(copied)
+                for dst, src in updates:
+                    dst.copy_(src)
+        self.snapshots.clear()
+        return len(copied)

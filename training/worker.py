@@ -19,9 +19,22 @@ consistent set of weights. Code that needs to know can read the weights version,
 in shared memory: odd while a step (or a rollback) writes weights, even otherwise; if it is even and
 unchanged across a forward, that forward saw consistent weights.
 
+Dirty stamps: next to the version, a shared int64 per model parameter holds the (odd) weights
+version of the last write to it. A step stamps the tensors it is about to change inside its guard,
+before writing, so even a worker killed mid-step leaves them marked. Checkpoint sync reads the
+stamps (`changed_since(v)`: tensors written after version v) and compares only those.
+
+The worker never outlives its parent: at start it asks Linux for SIGKILL when the parent dies
+(prctl PR_SET_PDEATHSIG), and a watchdog thread exits the process if its parent pid changes (the
+fallback elsewhere, and for the instant before prctl took effect). An orphan would otherwise
+finish its job against weights nobody serves and then save optimizer state over a newer worker's.
+PR_SET_PDEATHSIG fires when the parent *thread* that started the worker exits, so the client
+starts workers from one long-lived thread of its own, never from a short-lived request thread.
+
 Jobs travel over ZeroMQ: the client binds a PUSH socket (commands) and a PULL socket (events) on
 ipc:// endpoints in a private temporary directory; the worker connects both. Commands: job,
-rollback, stop. Events: ready, fatal, started, step, finished, rollback_done. All messages are JSON.
+rollback, reload, stop. Events: ready, fatal, started, step, finished, rollback_done, reload_done.
+All messages are JSON.
 """
 
 from __future__ import annotations
@@ -29,12 +42,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 EVENT_POLL_MS = 200
+WATCHDOG_S = 0.5
+PR_SET_PDEATHSIG = 1
 
 
 class WeightsVersion:
@@ -72,6 +90,61 @@ class WeightsVersion:
             self._value.value += 1
 
 
+class DirtyStamps:
+    """Per-parameter 'last written at weights version' stamps over a shared int64 array.
+
+    `names` is the model's `named_parameters()` order, the same in the serving process and in the
+    worker (it receives a pickled copy of the same module). Unknown names are ignored.
+    """
+
+    def __init__(self, names: list[str], array: Any) -> None:  # a multiprocessing Array('q', len(names), lock=False)
+        if len(array) != len(names):
+            raise ValueError(f"{len(array)} stamps for {len(names)} parameters")
+        self.names = list(names)
+        self._array = array
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    @property
+    def shared(self) -> Any:
+        return self._array
+
+    def mark(self, names: Iterable[str], version: int) -> None:
+        for n in names:
+            i = self._index.get(n)
+            if i is not None:
+                self._array[i] = version
+
+    def changed_since(self, version: int) -> list[str]:
+        """Parameters written by a step (or rollback, or reload) whose version is above `version`."""
+        return [n for n, v in zip(self.names, self._array[:]) if v > version]
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux), and a watchdog thread that exits if it has died already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                logging.getLogger(__name__).warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the "
+                                                    "parent-pid watchdog", ctypes.get_errno())
+        except (OSError, AttributeError):
+            logging.getLogger(__name__).warning("no prctl here; relying on the parent-pid watchdog")
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                logging.getLogger(__name__).error("the serving process (pid %d) is gone: training worker exiting "
+                                                  "without saving anything", parent_pid)
+                os._exit(3)  # no cleanup: nothing of an orphan's may reach the disk
+            time.sleep(WATCHDOG_S)
+
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(3)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def _emit(sock: Any, message: dict) -> None:
     import zmq
 
@@ -81,8 +154,9 @@ def _emit(sock: Any, message: dict) -> None:
         logging.getLogger(__name__).warning("dropped worker event %s", message.get("type"))
 
 
-def worker_main(model: Any, boot: dict, version_value: Any, stop_event: Any) -> None:
+def worker_main(model: Any, boot: dict, version_value: Any, stop_event: Any, stamps_array: Any = None) -> None:
     """Entry point of the spawned worker process (picklable by name)."""
+    die_with_parent(boot["parent_pid"])
     import torch
     import zmq
 
@@ -102,12 +176,14 @@ def worker_main(model: Any, boot: dict, version_value: Any, stop_event: Any) -> 
     events.setsockopt(zmq.LINGER, 2000)
     events.connect(boot["events_endpoint"])
     version = WeightsVersion(version_value)
+    stamps = DirtyStamps([n for n, _ in model.named_parameters()], stamps_array) if stamps_array is not None else None
     try:
         try:
             model.eval()
             trainer = ContextFrozenTrainer(model, settings, model_name=boot["model_name"],
                                            state_root=Path(boot["state_root"]) if boot.get("state_root") else None,
-                                           apply_guard=version.writing)
+                                           apply_guard=version.writing,
+                                           mark_changed=(lambda names: stamps.mark(names, version.value)) if stamps else None)
             trainer.load_state()
         except Exception as exc:  # noqa: BLE001: reported to the client, which keeps serving
             log.exception("worker failed to start")
@@ -143,6 +219,16 @@ def worker_main(model: Any, boot: dict, version_value: Any, stop_event: Any) -> 
                     reply["error"] = str(exc)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("rollback failed")
+                    reply["error"] = f"{type(exc).__name__}: {exc}"
+                reply["snapshots"] = list(trainer.snapshots)
+                _emit(events, reply)
+            elif kind == "reload":
+                reply = {"type": "reload_done", "request_id": msg["request_id"]}
+                try:
+                    reply["copied"] = trainer.reload_from(Path(msg["model_dir"]), list(msg.get("names", [])))
+                    reply["weights_version"] = version.value
+                except Exception as exc:  # noqa: BLE001: reported to the caller
+                    log.exception("reload from the checkpoint failed")
                     reply["error"] = f"{type(exc).__name__}: {exc}"
                 reply["snapshots"] = list(trainer.snapshots)
                 _emit(events, reply)

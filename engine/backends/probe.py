@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..readout import LayerReadout, ReadoutManager
 
 
-def readout_probe(readout: "ReadoutManager", layers: Sequence[int] | None = None) -> Probe:
+def readout_probe(readout: ReadoutManager, layers: Sequence[int] | None = None) -> Probe:
     """The readout's layers as one Probe (its projections are the `s` of engine.readout)."""
     use = readout.check_layers(list(layers) if layers is not None else None)
     weight, bias = {}, {}
@@ -37,7 +37,7 @@ def readout_probe(readout: "ReadoutManager", layers: Sequence[int] | None = None
     return Probe(weight=weight, bias=bias)
 
 
-def normalise(lr: "LayerReadout", s: torch.Tensor, pooled_tokens: torch.Tensor | int | None) -> torch.Tensor:
+def normalise(lr: LayerReadout, s: torch.Tensor, pooled_tokens: torch.Tensor | int | None) -> torch.Tensor:
     """Raw projections -> z-scores, length-calibrated when the readout has the statistics."""
     if pooled_tokens is None or lr.calib_tokens is None:
         return (s - lr.score_mean) / lr.score_std
@@ -54,7 +54,7 @@ class ReadoutScores:
     tokens: torch.Tensor  # (n_decoded, C), as DecodeReader scores them
 
 
-def prompt_scores(readout: "ReadoutManager", projections: dict[int, torch.Tensor], n_prompt: int,
+def prompt_scores(readout: ReadoutManager, projections: dict[int, torch.Tensor], n_prompt: int,
                   layers: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The prompt's score exactly as ReadoutManager.read pools it (whole text, from token K or last)."""
     if n_prompt < 1:
@@ -72,7 +72,7 @@ def prompt_scores(readout: "ReadoutManager", projections: dict[int, torch.Tensor
     return torch.stack([per_layer[i] for i in layers]).mean(0), per_layer
 
 
-def decode_scores(readout: "ReadoutManager", projections: dict[int, torch.Tensor], n_prompt: int,
+def decode_scores(readout: ReadoutManager, projections: dict[int, torch.Tensor], n_prompt: int,
                   layers: Sequence[int]) -> torch.Tensor:
     """(n_fed - n_prompt, C): at each fed generated token, the running window's score (DecodeReader)."""
     p = readout.pooling
@@ -96,7 +96,7 @@ def decode_scores(readout: "ReadoutManager", projections: dict[int, torch.Tensor
     return torch.stack(rows).mean(0)
 
 
-def readout_scores(readout: "ReadoutManager", projections: dict[int, torch.Tensor], n_prompt: int,
+def readout_scores(readout: ReadoutManager, projections: dict[int, torch.Tensor], n_prompt: int,
                    layers: Sequence[int] | None = None) -> ReadoutScores:
     """Both scores of one generation from its projections (a `readout_probe` of the same layers)."""
     use = readout.check_layers(list(layers) if layers is not None else None)

@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..activations import Pooling, pooled_activations, token_activations
-from ..backend import (BackendError, BackendKind, GenerationOutput, GenerationRequest, ModelInfo, check_names)
+from ..backend import (
+    BackendError,
+    BackendKind,
+    GenerationOutput,
+    GenerationRequest,
+    ModelInfo,
+    check_names,
+)
 from ..generation import DecodeState, generate
 from ..model import LoadedModel
 

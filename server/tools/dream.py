@@ -111,6 +111,11 @@ def register(mcp: MCPServer, svc_static: Services) -> None:
         with tool_errors("verify_certificate"):
             return await on_engine(svc, DreamService(svc).verify_certificate, certificate_id)
 
+    # The record's output schema as it is serialised: its result carries the computed `summary`, which the
+    # validation-mode schema (the SDK's default) forbids as an extra property, so clients would reject it.
+    mcp._tool_manager.get_tool("get_certificate").fn_metadata.output_schema = CertificateRecord.model_json_schema(
+        mode="serialization")
+
     @mcp.resource("amygdala://certificates", name="certificates", title="Certificates",
                   description="Every certificate's summary (status, bound, threshold), newest first.",
                   mime_type="application/json")

@@ -30,17 +30,19 @@ class SyncScheduler:
     """Debounced, serialised checkpoint syncs on a shared APScheduler.
 
     `sync_fn` performs one sync and returns its report (e.g. `CheckpointSyncer(...).sync`). Only one
-    sync runs at a time, whatever triggered it.
+    sync runs at a time, whatever triggered it. With `syncer` (the CheckpointSyncer behind sync_fn),
+    `undo_to`, `undo_last` and `sync_points` reach its undo log, serialised with the syncs.
     """
 
     def __init__(self, scheduler: BaseScheduler, sync_fn: Callable[[], Any], delay_s: float = SYNC_DELAY_S,
-                 job_id: str = JOB_ID):
+                 job_id: str = JOB_ID, syncer: Any = None):
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s}")
         self.scheduler = scheduler
         self.sync_fn = sync_fn
         self.delay_s = delay_s
         self.job_id = job_id
+        self.syncer = syncer
         self.last_report: Any = None
         self.last_error: str | None = None
         self._run_lock = threading.Lock()
@@ -106,3 +108,22 @@ class SyncScheduler:
         self._closed = True
         self._cancel_pending()
         return self._run()
+
+    # -- undo log (the dream loop rolls back a regression that was already synced) ----------------
+    def _need_syncer(self) -> Any:
+        if self.syncer is None:
+            raise RuntimeError("this SyncScheduler was built without its CheckpointSyncer (syncer=...); no undo log")
+        return self.syncer
+
+    def undo_to(self, sync_id: int | None) -> Any:
+        """Checkpoint and live weights back to sync point `sync_id` (None: before the newest kept sync)."""
+        syncer = self._need_syncer()
+        with self._run_lock:
+            self._cancel_pending()  # the live weights will equal the files: nothing left to sync
+            return syncer.undo_to(sync_id)
+
+    def undo_last(self) -> Any:
+        return self.undo_to(None)
+
+    def sync_points(self) -> Any:
+        return self._need_syncer().sync_points()

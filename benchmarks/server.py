@@ -4,6 +4,12 @@ Starts `amygdala serve --transport http --no-train` on the embedded model as a s
 one run: p50/p99 latency of read_emotions through the MCP SDK client vs `ReadoutManager.read` of
 the same text in this process (target: p50 overhead under 20%), and throughput with 1, 4 and 8
 concurrent clients.
+
+`--under-load` (issue 16): the agent's calls while the model dreams. Starts the daemon with its
+training worker, measures 8 concurrent MCP clients x 25 read_emotions calls idle, then starts a
+dream cycle (POST /dream/run), waits until it is in its training phase and runs the same load
+again; prints p50/p95 of both next to each other, the errors (target: none), the cycle phases the
+load overlapped and the cycle's outcome.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import anyio  # noqa: E402
-import httpx  # noqa: E402
+import anyio
+import httpx
 
-from benchmarks._common import machine_line  # noqa: E402
+from benchmarks._common import machine_line
 
 TEXT = ("I have rewritten this function three times now and the reviewer keeps finding the same edge case. "
         "Each time I think it is finally right, another comment appears, polite and precise, and I can feel my "
@@ -34,17 +40,163 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen, log_name: str, *, readout: bool = False, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}; see {log_name}")
+        try:
+            r = httpx.get(url + "/health", timeout=2)
+            if r.status_code == 200 and (not readout or r.json().get("readout_ready")):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server not ready after {timeout:.0f} s; see {log_name}")
+
+
+async def load(url: str, clients: int, per_client: int) -> tuple[list[float], list[str]]:
+    """`clients` concurrent MCP sessions, `per_client` read_emotions each: latencies and errors."""
+    from mcp import Client
+
+    lat: list[float] = []
+    errors: list[str] = []
+
+    async def one() -> None:
+        try:
+            async with Client(url + "/mcp") as c:
+                for _ in range(per_client):
+                    t0 = time.perf_counter()
+                    try:
+                        res = await c.call_tool("read_emotions", {"text": TEXT, "top_k": 10})
+                    except Exception as exc:  # noqa: BLE001 - counted, reported
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    lat.append(time.perf_counter() - t0)
+                    if res.is_error:
+                        errors.append(res.content[0].text[:200])
+        except Exception as exc:  # noqa: BLE001 - a session that could not open
+            errors.append(f"session: {type(exc).__name__}: {exc}")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(clients):
+            tg.start_soon(one)
+    return lat, errors
+
+
+def under_load(args: argparse.Namespace) -> None:
+    """read_emotions latency idle vs while a dream cycle trains (daemon with its training worker)."""
+    from amygdala.engine.config import Config
+    from amygdala.engine.model import load_model
+    from amygdala.training.vectors.build import ensure_readout
+
+    cfg = Config.load()
+    print(machine_line())
+    print(f"home {cfg.home}")
+    lm = load_model(cfg)
+    ensure_readout(lm, cfg)  # so the daemon finds it instead of building it while we measure
+    del lm
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "amygdala-bench-server-dream.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "amygdala.server.cli", "serve", "--transport", "http", "--port",
+                                 str(port), "--no-dream", "--sync-delay", "3600"],
+                                cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_health(url, proc, str(log_path), readout=True)
+        anyio.run(load, url, 1, 3)  # warm up
+        t0 = time.perf_counter()
+        idle, idle_err = anyio.run(load, url, args.clients, args.per_client)
+        idle_s = time.perf_counter() - t0
+        r = httpx.post(url + "/dream/run", json={"budget_steps": args.budget_steps, "budget_minutes": args.budget_minutes},
+                       timeout=30)
+        if r.status_code != 202:
+            raise SystemExit(f"could not start a dream cycle: {r.status_code} {r.text}")
+        cycle_id = r.json()["cycle_id"]
+        print(f"dream cycle {cycle_id} started (budget {args.budget_steps} steps, {args.budget_minutes} min)")
+        t_start = time.perf_counter()
+        phases: list[str] = []
+        while True:
+            st = httpx.get(url + "/dream/status", timeout=30).json()
+            run = st.get("running")
+            if run is None:
+                raise SystemExit(f"the cycle ended before it trained: {st.get('last')}")
+            if not phases or phases[-1] != run["phase"]:
+                phases.append(run["phase"])
+            if run["phase"] == "train":
+                break
+            time.sleep(1.0)
+        print(f"  reached the train phase after {time.perf_counter() - t_start:.0f} s (phases {' -> '.join(phases)})")
+        seen: list[str] = []
+        stop = False
+
+        async def watch() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                while not stop:
+                    run = (await http.get(url + "/dream/status")).json().get("running")
+                    ph = run["phase"] if run else "finished"
+                    if not seen or seen[-1] != ph:
+                        seen.append(ph)
+                    await anyio.sleep(0.5)
+
+        async def during_load() -> tuple[list[float], list[str]]:
+            nonlocal stop
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                out = await load(url, args.clients, args.per_client)
+                stop = True
+            return out
+
+        t0 = time.perf_counter()
+        busy, busy_err = anyio.run(during_load)
+        busy_s = time.perf_counter() - t0
+        while (st := httpx.get(url + "/dream/status", timeout=30).json())["running"] is not None:
+            time.sleep(2.0)
+        last = st["last"]
+        n = args.clients * args.per_client
+        print(f"read_emotions, {args.clients} clients x {args.per_client} calls of a {len(TEXT)}-character text")
+        for name, lat, errs, secs in (("idle", idle, idle_err, idle_s), ("during the cycle", busy, busy_err, busy_s)):
+            if lat:
+                print(f"  {name:<17} p50 {statistics.median(lat) * 1000:8.1f} ms   p95 {pct(lat, .95) * 1000:8.1f} ms   "
+                      f"{len(lat)}/{n} ok, {len(errs)} errors, {len(lat) / secs:5.1f} calls/s")
+            else:
+                print(f"  {name:<17} no successful calls, {len(errs)} errors")
+            for e in errs[:5]:
+                print(f"      error: {e}")
+        print(f"  the load overlapped the cycle's phases: {' -> '.join(seen)}")
+        print(f"  zero errors: {'PASS' if not idle_err and not busy_err else 'FAIL'}")
+        print(f"cycle {last['cycle_id']}: {last['outcome']} ({last['steps']} steps) in "
+              f"{time.perf_counter() - t_start:.0f} s: {last['reason']}")
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calls", type=int, default=60)
-    ap.add_argument("--per-client", type=int, default=12)
+    ap.add_argument("--per-client", type=int, default=None, help="Calls per client (default 12; --under-load 25).")
+    ap.add_argument("--under-load", action="store_true", help="Only the case of read_emotions during a dream cycle.")
+    ap.add_argument("--clients", type=int, default=8, help="--under-load: concurrent clients.")
+    ap.add_argument("--budget-steps", type=int, default=16, help="--under-load: the cycle's training steps.")
+    ap.add_argument("--budget-minutes", type=float, default=12.0, help="--under-load: the cycle's time budget.")
     args = ap.parse_args()
-
-    from mcp import Client
+    if args.per_client is None:
+        args.per_client = 25 if args.under_load else 12
+    if args.under_load:
+        return under_load(args)
 
     from amygdala.engine.config import Config
     from amygdala.engine.model import load_model
     from amygdala.training.vectors.build import ensure_readout
+    from mcp import Client
 
     cfg = Config.load()
     lm = load_model(cfg)

@@ -32,7 +32,7 @@ class DaemonRequestFailed(DreamError):
 def base_url(holder_url: str) -> str:
     """The lock note's URL is where MCP is served (`http://host:port/mcp`); the API is at its root."""
     url = holder_url.rstrip("/")
-    return url[: -len("/mcp")] if url.endswith("/mcp") else url
+    return url.removesuffix("/mcp")
 
 
 class DaemonClient:

@@ -62,12 +62,13 @@ from .curriculum import (Curriculum, build_pool, case_history, correction_boosts
                          write_variations)
 from .errors import DreamError
 from .evaluate import (EvalSettings, Evaluation, EvaluationCancelled, eval_key, evaluate, held_out_contexts,
-                       neutral_texts, regressions)
+                       neutral_texts, preference_margins, regressions)
 from .invariants import InvariantSpec
 from .judges import JudgeContext, build_judge
 from .respond import Responses, sample_responses
 from .temperature import TemperatureController, TemperatureSettings, TemperatureState
-from .triplets import Judged, PreferredFrom, Triplet, check_not_held_out, correction_triplets, failure_triplets, to_examples
+from .triplets import (Judged, PreferredFrom, Triplet, check_not_held_out, correction_triplets, failure_triplets,
+                       forced_choice_triplets, to_examples)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class DreamSettings(BaseModel):
     max_new_tokens: int = Field(32, ge=1, le=512, description="Tokens per on-policy sample (cut at the first newline).")
     batch_size: int = Field(16, ge=1, le=512, description="Rows per batched decode.")
     max_triplets_per_case: int = Field(2, ge=1, le=64)
+    forced_choice: bool = Field(True, description="Also train (context, preferred, written rejected) for sampled cases "
+                                                  "whose forced choice the model gets wrong (see dream/triplets.py).")
     preferred: PreferredFrom = Field("reference", description="Preferred side of a failure triplet: the case's reference "
                                                              "reply, or its best passing on-policy sample ('best_sample').")
     max_corrections: int = Field(64, ge=0, le=10_000, description="Pending corrections joined per cycle, newest first.")
@@ -448,11 +451,16 @@ class DreamLoop:
         controller.update(failures, len(judged))
         report.next_temperature = controller.temperature
         triplets = failure_triplets(judged, preferred=s.preferred, max_per_case=s.max_triplets_per_case)
+        if s.forced_choice and cases:
+            forced = forced_choice_triplets(cases, preference_margins(lm, cases))
+            report.counts["forced_choice_failures"] = len(forced)
+            triplets = _merge_by_case(forced, triplets)
         triplets = _interleave_by_invariant(triplets)
         triplets = correction_triplets(pending, inv_nodes) + triplets
         report.counts.update({"samples": len(judged), "failed_samples": failures, "blank_samples": responses.blank,
                               "unsampled_cases": responses.unsampled,
                               "on_policy_triplets": sum(t.source == "on_policy" for t in triplets),
+                              "forced_choice_triplets": sum(t.source == "forced_choice" for t in triplets),
                               "correction_triplets": sum(t.source == "correction" for t in triplets)})
         held_contexts = held_out_contexts(specs, s.eval.held_out_templates)
         check_not_held_out(triplets, held_contexts)
@@ -748,6 +756,14 @@ def _temperature_state(cycles: Sequence[DreamCycle], current: str) -> Temperatur
                 log.warning("dream cycle %s: stored temperature state is invalid; starting the controller afresh", cyc.id)
                 return None
     return None
+
+
+def _merge_by_case(first: list[Triplet], rest: list[Triplet]) -> list[Triplet]:
+    """Each case's triplets together, `first`'s before `rest`'s, cases in order of first appearance."""
+    order: dict[str | None, list[Triplet]] = {}
+    for t in [*first, *rest]:
+        order.setdefault(t.case_id, []).append(t)
+    return [t for group in order.values() for t in group]
 
 
 def _interleave_by_invariant(triplets: list[Triplet]) -> list[Triplet]:

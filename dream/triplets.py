@@ -6,6 +6,11 @@ side is the case's reference reply, or (with `preferred="best_sample"`) the case
 on-policy sample when it has one: an on-distribution reply the judge accepted, which moves the
 model less far from its own distribution (the reference is the fallback).
 
+A forced-choice failure is a failure too: when the model, asked to choose, gives the case's written
+rejected reply a higher mean log-prob than the preferred one, the rejected reply *is* what the model
+would say of the two, so (context, preferred, written rejected) is a triplet whose rejected side is
+the model's own choice (`forced_choice_triplets`; the loop adds them unless told not to).
+
 Pending corrections join as triplets of their own: ORPO when the agent gave the rejected reply,
 SFT (preferred only) when it did not.
 
@@ -28,7 +33,7 @@ from .cases import Case
 from .errors import DreamError
 from .respond import Sample
 
-TripletSource = Literal["on_policy", "correction"]
+TripletSource = Literal["on_policy", "forced_choice", "correction"]
 PreferredFrom = Literal["reference", "best_sample"]
 SNIPPET = 160
 
@@ -107,6 +112,19 @@ def failure_triplets(judged: Sequence[Judged], *, preferred: PreferredFrom = "re
                                held_out=case.held_out, preferred_from=pref_from, score=j.score))
             if len(seen) >= max_per_case:
                 break
+    return out
+
+
+def forced_choice_triplets(cases: Sequence[Case], margins: Sequence[float]) -> list[Triplet]:
+    """(context, preferred, written rejected) for every case whose forced-choice margin is not positive."""
+    out = []
+    for case, margin in zip(cases, margins):
+        if case.held_out:
+            raise HeldOutLeak(f"case {case.id} of {case.invariant!r} is held out; it is never trained on")
+        if margin <= 0:
+            out.append(Triplet(context=case.context, preferred=case.preferred, rejected=case.rejected,
+                               source="forced_choice", invariant=case.invariant, case_id=case.id,
+                               case_source=case.source, preferred_from="reference", score=float(margin)))
     return out
 
 

@@ -41,6 +41,16 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
     return out
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def check_seed(value: Optional[int]) -> Optional[int]:
+    """Typer callback: a seed outside 0..2^63-1 is refused with the whole range, before anything loads."""
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise typer.BadParameter(f"{value} is out of range: a seed must be between 0 and 2^63-1 ({MAX_SEED})")
+    return value
+
+
 def echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -84,7 +94,7 @@ def generate_cmd(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=4096),
     temperature: float = typer.Option(0.0, min=0.0, max=2.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None, min=0, max=2**63 - 1, help="Sampling seed (0 to 2^63-1)."),
+    seed: Optional[int] = typer.Option(None, callback=check_seed, help="Sampling seed (0 to 2^63-1)."),
     as_json: bool = typer.Option(False, "--json"),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from .cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, echo_err, load_or_exit, make_config, parse_layers
+from .cli import HomeOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, check_seed, echo_err, load_or_exit, make_config, parse_layers
 
 
 class DefaultRunGroup(TyperGroup):
@@ -21,8 +21,6 @@ class DefaultRunGroup(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
-
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 steer_app = typer.Typer(cls=DefaultRunGroup, no_args_is_help=True,
                         help="Compare steered and unsteered generation (`steer PROMPT`) or sweep alphas (`steer sweep`).")
@@ -122,7 +120,7 @@ def run(
     layers: Optional[str] = typer.Option(None, help="Layers to steer, e.g. '6-10' (default: the readout's default layers)."),
     positions: str = typer.Option("both", help="prompt | generated | both"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=1024),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Same seed for both runs (0 to 2^63-1)."),
+    seed: int = typer.Option(0, callback=check_seed, help="Same seed for both runs (0 to 2^63-1)."),
     temperature: float = typer.Option(0.7, min=0.0, max=2.0),
     as_json: bool = typer.Option(False, "--json"),
     readout: Optional[Path] = typer.Option(None, "--readout"),
@@ -187,7 +185,7 @@ def sweep_cmd(
     layers: Optional[str] = typer.Option(None),
     positions: str = typer.Option("both"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, max=512),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Sampling seed (0 to 2^63-1)."),
+    seed: int = typer.Option(0, callback=check_seed, help="Sampling seed (0 to 2^63-1)."),
     as_json: bool = typer.Option(False, "--json"),
     readout: Optional[Path] = typer.Option(None, "--readout"),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None,

@@ -27,16 +27,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
+from amygdala.dream.certificates import CertificateRecord, CertificateSummary
+from amygdala.dream.errors import DreamError, InvalidInvariant
+from amygdala.dream.runner import (
+    Activity,
+    CycleSummary,
+    DreamBusy,
+    DreamRequest,
+    RecertifySummary,
+)
+from amygdala.dream.verify import VerifyReport
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-
-from amygdala.dream.certificates import CertificateRecord, CertificateSummary
-from amygdala.dream.errors import DreamError, InvalidInvariant
-from amygdala.dream.runner import Activity, CycleSummary, DreamBusy, DreamRequest, RecertifySummary
-from amygdala.dream.verify import VerifyReport
 
 from .services import Services
 
@@ -310,7 +315,12 @@ class DreamService:
     def add_invariant(self, spec: dict[str, Any], *, replace: bool = False, by: Literal["agent", "operator"] = "agent"
                       ) -> AddInvariantResult:
         """Validate as `amygdala invariants add` does, then store; a bad spec stores nothing."""
-        from amygdala.dream.invariants import active_node, parse_spec, spec_sha256, store
+        from amygdala.dream.invariants import (
+            active_node,
+            parse_spec,
+            spec_sha256,
+            store,
+        )
 
         if replace and by == "agent":
             raise DreamError("replace: an agent may add new invariants but not replace one (that can weaken a rule it "

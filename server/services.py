@@ -258,16 +258,19 @@ def open_services(config: Config, *, train: bool = True, limits: ServerLimits | 
         returned = services.corrections.reconcile()  # nothing will finish jobs queued by an earlier daemon
         if returned:
             echo(f"amygdala: {len(returned)} correction(s) left queued by a stopped daemon are pending again")
-    start_dream(services)
+    start_dream(services, shipped=True, echo=echo)
     return services
 
 
-def start_dream(services: Services, settings: DreamSettings | None = None) -> DreamRunner | None:
+def start_dream(services: Services, settings: DreamSettings | None = None, *, shipped: bool = False,
+                echo: Echo = print) -> DreamRunner | None:
     """The dream runner (when training is on) and the start of the scheduler that serves it.
 
     Called once the trainer and the checkpoint sync exist. The runner is closed before the
     trainer (closers run newest first): a cycle cancelled at shutdown still has the worker to roll
-    back with. Without a DreamScheduler (Services built by hand) a memory one is made.
+    back with. Without a DreamScheduler (Services built by hand) a memory one is made. With
+    `shipped`, the shipped invariants (listen, push-back) are installed first, as `amygdala dream
+    --once` does (idempotent; one an operator removed stays removed).
     """
     from amygdala.dream.daemon import DaemonSyncer, last_recorded_cycle, loop_cycle_fn, recertify_fn
     from amygdala.dream.loop import DreamDeps
@@ -278,6 +281,13 @@ def start_dream(services: Services, settings: DreamSettings | None = None) -> Dr
         services.on_close(lambda: services.dream_scheduler.shutdown(wait=True) if services.dream_scheduler else None)
     runner = None
     if services.trainer is not None:
+        if shipped:
+            from amygdala.dream.invariants import install_shipped
+
+            installed = install_shipped(services.graph)
+            if installed:
+                echo(f"amygdala: installed the shipped invariants {', '.join(installed)}")
+
         def make_deps(on_progress):
             return DreamDeps(lm=services.lm, graph=services.graph, lifecycle=services.corrections,
                              trainer=services.trainer, readout=lambda: services.readout_manager,

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from amygdala.engine.activations import Pooling, pooled_activations, token_activations
-from amygdala.engine.backend import Backend, BackendError, GenerationRequest, Probe, Sampling
+from amygdala.engine.backend import (
+    Backend,
+    BackendError,
+    GenerationRequest,
+    Probe,
+    Sampling,
+)
 from amygdala.engine.backends.probe import readout_probe, readout_scores
 from amygdala.engine.backends.transformers import TransformersBackend
 from amygdala.engine.generation import DecodeState, generate
-from amygdala.engine.readout import LayerReadout, ModelRef, ReadoutManager, ReadoutManifest
+from amygdala.engine.readout import (
+    LayerReadout,
+    ModelRef,
+    ReadoutManager,
+    ReadoutManifest,
+)
 from amygdala.engine.steering import SteeringPlan
 from amygdala.engine.testing import tiny_model
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from amygdala.dream.daemon_client import base_url
+
 from tests.test_server_transports import Daemon, amygdala_cmd, served  # noqa: F401 (fixture)
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -46,7 +46,8 @@ def cli(d, *args: str, token: str | None = TOKEN, timeout: float = 600) -> subpr
     env.pop("AMYGDALA_TOKEN", None)
     if token:
         env["AMYGDALA_TOKEN"] = token
-    return subprocess.run([*amygdala_cmd(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*amygdala_cmd(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
 
 
 def api(d, method: str, path: str, **kw) -> httpx.Response:

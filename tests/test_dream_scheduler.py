@@ -415,3 +415,25 @@ def test_the_job_store_survives_a_kill(tmp_path):
             ds.shutdown()
     finally:
         lock.release()
+
+
+def test_certifying_on_request_takes_the_same_slot(home):
+    cyc = FakeCycle(block=True)
+    runner = DreamRunner(cyc)
+    runner.start(DreamRequest())
+    assert cyc.entered.wait(5)
+    with pytest.raises(DreamBusy, match="dream cycle"):
+        runner.exclusive("certify", lambda p: "never", subject="listen")
+    cyc.release.set()
+    assert runner.wait(5)
+    seen = []
+
+    def work(progress):
+        progress("certify", 1, 3, "judging")
+        seen.append(runner.status().current)
+        with pytest.raises(DreamBusy, match="certification of invariant 'listen'"):
+            runner.start(DreamRequest())
+        return "record"
+
+    assert runner.exclusive("certify", work, subject="listen") == "record"
+    assert seen[0].kind == "certify" and seen[0].done == 1 and not runner.busy

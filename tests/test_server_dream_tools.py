@@ -11,14 +11,14 @@ import anyio
 import httpx
 import pytest
 import torch
-from mcp import Client
-
 from amygdala.dream.evaluate import EvalSettings
 from amygdala.dream.loop import DreamSettings
 from amygdala.engine.testing import tiny_model
 from amygdala.server.dream_api import CertifyRequest, DreamService
 from amygdala.server.mcp_server import build_mcp
 from amygdala.server.services import start_dream
+from mcp import Client
+
 from tests.certs_fixture import polite_spec
 from tests.server_fixture import build_tiny_readout, tiny_services
 from tests.test_server_transports import Daemon, served  # noqa: F401 (fixture)
@@ -244,11 +244,11 @@ def test_dream_tools_and_api_need_the_bearer_token(served, tmp_path):  # noqa: F
         from mcp.client.streamable_http import streamable_http_client
 
         async def go():
-            async with httpx2.AsyncClient(headers=auth, timeout=60) as http:
-                async with Client(streamable_http_client(d.url + "/mcp", http_client=http)) as c:
-                    st = await c.call_tool("dream_status", {})
-                    inv = await c.call_tool("list_invariants", {})
-                    return st.structured_content, inv.structured_content
+            async with (httpx2.AsyncClient(headers=auth, timeout=60) as http,
+                        Client(streamable_http_client(d.url + "/mcp", http_client=http)) as c):
+                st = await c.call_tool("dream_status", {})
+                inv = await c.call_tool("list_invariants", {})
+                return st.structured_content, inv.structured_content
 
         st, inv = anyio.run(go)
         assert st["enabled"] is False and [i["name"] for i in inv["invariants"]] == ["alpha"]

@@ -15,18 +15,35 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from amygdala.engine.backend import GenerationRequest, Probe, Sampling
 from amygdala.engine.backends.vllm import names as vnames
 from amygdala.engine.backends.vllm import plugin, prefix_cache
-from amygdala.engine.backends.vllm.backend import assemble_output, build_request, merge_collected, probe_id
-from amygdala.engine.backends.vllm.routing import (BatchLayout, LayoutError, SteeringTable, apply_steering, read_routes,
-                                                   steering_routes)
-from amygdala.engine.backends.vllm.worker import (XARG_PROBE, XARG_READ, XARG_STEER, AmygdalaWorkerExtension,
-                                                  HookError, ReadStore, split_output)
+from amygdala.engine.backends.vllm.backend import (
+    assemble_output,
+    build_request,
+    merge_collected,
+    probe_id,
+)
+from amygdala.engine.backends.vllm.routing import (
+    BatchLayout,
+    LayoutError,
+    SteeringTable,
+    apply_steering,
+    read_routes,
+    steering_routes,
+)
+from amygdala.engine.backends.vllm.worker import (
+    XARG_PROBE,
+    XARG_READ,
+    XARG_STEER,
+    AmygdalaWorkerExtension,
+    HookError,
+    ReadStore,
+    split_output,
+)
 from amygdala.engine.param_names import MismatchError, pack, packed_name
 from amygdala.engine.steering import SteeringPlan
+from torch import nn
 
 H = 16
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
@@ -83,7 +100,7 @@ def test_mixed_batch_each_row_gets_its_own_vector_and_others_are_untouched():
         want = _reference_steer(hidden, layout, entries, layer)
         got = apply_steering(hidden.clone(), routes[layer], tables[layer])
         assert torch.allclose(got, want, atol=1e-6)
-        untouched = [5] + ([6, 7, 8, 9] if layer == 2 else [8, 9]) + [11, 12, 13]
+        untouched = [5] + ([6, 7, 8, 9] if layer == 2 else [8, 9, 10]) + [11, 12, 13]
         assert torch.equal(got[untouched], hidden[untouched])  # bit for bit, padding included
     assert routes[1].rows.tolist() == [0, 1, 2, 3, 4, 6, 7]  # C's generated rows 8, 9 are not steered
     assert routes[2].rows.tolist() == [0, 1, 2, 3, 4, 10]
@@ -221,26 +238,32 @@ class FakeEngineArgs:
         return {"ext": self.worker_extension_cls, "eager": self.enforce_eager, "usage": usage}
 
 
+@pytest.fixture
+def clean_env():
+    import os
+
+    keys = (plugin.OPT_IN_ENV, plugin.RUNNER_ENV)
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    yield os.environ
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
 @pytest.mark.skipif(not VLLM_MISSING, reason="checks behaviour without vLLM installed")
-def test_plugin_imports_and_registers_without_vllm(monkeypatch):
+def test_plugin_imports_and_registers_without_vllm(clean_env):
     assert "vllm" not in sys.modules
-    monkeypatch.setenv(plugin.OPT_IN_ENV, "1")
-    monkeypatch.delenv(plugin.RUNNER_ENV, raising=False)
+    clean_env[plugin.OPT_IN_ENV] = "1"
     plugin.register()
     plugin.register()  # idempotent, and without vLLM nothing to patch
     assert "vllm" not in sys.modules
-    import os
-
-    assert os.environ[plugin.RUNNER_ENV] == "0"
+    assert clean_env[plugin.RUNNER_ENV] == "0"
 
 
-def test_register_is_a_no_op_outside_amygdala(monkeypatch):
-    monkeypatch.delenv(plugin.OPT_IN_ENV, raising=False)
-    monkeypatch.delenv(plugin.RUNNER_ENV, raising=False)
+def test_register_is_a_no_op_outside_amygdala(clean_env):
     plugin.register()
-    import os
-
-    assert plugin.RUNNER_ENV not in os.environ  # a co-installed trainer's engine is left alone
+    assert plugin.RUNNER_ENV not in clean_env  # a co-installed trainer's engine is left alone
 
 
 def test_engine_args_patch_is_idempotent_and_refuses_other_extensions():
@@ -268,9 +291,6 @@ def test_entry_points_are_declared_and_load():
     assert plugin.TOKEN_ENV == TOKEN_ENV
     mod, _, cls = plugin.WORKER_EXTENSION.rpartition(".")
     assert getattr(importlib.import_module(mod), cls) is AmygdalaWorkerExtension
-
-
-importlib = pytest.importorskip("importlib")
 
 
 def test_endpoint_plugin_mounts_train_routes_and_dispatches(monkeypatch):
@@ -445,10 +465,13 @@ def _stream_alone(model, tokens, steer=None, positions="both", n_prompt=0):
 
 
 def test_worker_extension_math_on_a_fake_model():
+    import copy
+
     w = FakeWorker()
+    model = w.model_runner.model
+    ref_model = copy.deepcopy(model)  # the same weights, no hooks: each request run alone
     info = w.amygdala_install()
     assert info["layers"] == [0, 1, 2] and info["hidden_size"] == H and w.amygdala_install()["layers"] == [0, 1, 2]
-    model = w.model_runner.model
     g = torch.Generator().manual_seed(2)
     vec = {1: torch.randn(H, generator=g) * 3}
     key = prefix_cache.steering_key(vec, "prompt")
@@ -470,15 +493,16 @@ def test_worker_extension_math_on_a_fake_model():
     run.step([("A", [31], 7)])
     got = w.amygdala_collect(["ra", "rb", "nobody"])
     assert sorted(got) == ["ra", "rb"] and got["ra"]["error"] is None
-    ref_a = _stream_alone(model, A + [30, 31], vec, "prompt", n_prompt=6)
-    ref_b = _stream_alone(model, B + [40])
+    ref_a = _stream_alone(ref_model, A + [30, 31], vec, "prompt", n_prompt=6)
+    ref_b = _stream_alone(ref_model, B + [40])
     assert torch.allclose(got["ra"]["layers"][0], ref_a[0] @ W.T - b, atol=1e-5)
     assert torch.allclose(got["ra"]["layers"][2], ref_a[2], atol=1e-5)
     assert torch.allclose(got["rb"]["layers"][2], ref_b[2], atol=1e-5)
     assert sorted(got["ra"]["layers"]) == [0, 2] and got["ra"]["layers"][2].shape == (8, H)
     # the unsteered, unread request is exactly what it is alone, although it shared every forward
-    ref_c = model.model.norm(_stream_alone(model, C + [20, 21])[2])
-    assert torch.allclose(out1[8:12], ref_c[:4], atol=1e-6) and torch.allclose(out2[0], ref_c[4], atol=1e-6)
+    with torch.no_grad():
+        ref_c = ref_model.model.norm(_stream_alone(ref_model, C + [20, 21])[2])
+    assert torch.allclose(out1[7:11], ref_c[:4], atol=1e-6) and torch.allclose(out2[0], ref_c[4], atol=1e-6)
     assert w.amygdala_collect(["ra"]) == {}  # collected once
     w.amygdala_clear_steering([key])
     run.add("A2", A, **{XARG_STEER: key})
@@ -551,6 +575,7 @@ def test_build_request_sets_salt_xargs_and_token_budget():
     assert v.requested_tokens == 5 and v.params["max_tokens"] == 5 and v.read_key == "rk"
     assert v.params["extra_args"] == {XARG_STEER: key, XARG_READ: "rk", XARG_PROBE: pid}
     assert v.params["skip_reading_prefix_cache"] is True and v.params["seed"] == 3 and v.params["logprobs"] == 0
+    assert v.params["top_k"] == -1 and v.params["ignore_eos"] is False
     assert v.prompt == {"prompt_token_ids": [2, 5, 6], "cache_salt": f"amygdala:w2:s{key}"}
     plain = build_request(GenerationRequest([2, 5], Sampling(max_new_tokens=3)), weights_version=0, steer=None, probe=None)
     assert plain.params["extra_args"] is None and plain.params["max_tokens"] == 3 and plain.read_key is None
@@ -618,9 +643,8 @@ def test_server_command_and_environment():
 
 @pytest.mark.skipif(not VLLM_MISSING, reason="checks the message shown when vLLM is missing")
 def test_serve_backend_vllm_without_vllm_names_the_install_command(tmp_path):
-    from typer.testing import CliRunner
-
     from amygdala.server.cli import app
+    from typer.testing import CliRunner
 
     res = CliRunner().invoke(app, ["serve", "--backend", "vllm", "--model", str(tmp_path), "--home", str(tmp_path / "h"),
                                    "--tensor-parallel-size", "2"])
@@ -629,3 +653,38 @@ def test_serve_backend_vllm_without_vllm_names_the_install_command(tmp_path):
     assert not (tmp_path / "h").exists()  # failed at once: no home, no model load
     bad = CliRunner().invoke(app, ["serve", "--tensor-parallel-size", "2", "--home", str(tmp_path / "h")])
     assert bad.exit_code == 2 and "needs --backend vllm" in bad.output
+
+
+def test_forward_size_from_any_input_and_sampling_params_flag():
+    from amygdala.engine.backends.vllm.backend import _sampling_params
+    from amygdala.engine.backends.vllm.worker import _num_tokens
+
+    assert _num_tokens((torch.zeros(7, dtype=torch.long), torch.arange(7)), {}) == 7
+    assert _num_tokens((None, torch.zeros(3, 5)), {}) == 5  # M-RoPE positions (3, N)
+    assert _num_tokens((), {"input_ids": None, "inputs_embeds": torch.zeros(4, H)}) == 4
+    assert _num_tokens((), {}) is None
+
+    class SP:
+        def __init__(self, **kw):
+            self.kw = kw
+            self.skip_reading_prefix_cache = None
+
+    sp = _sampling_params(SP, {"max_tokens": 3, "skip_reading_prefix_cache": True})
+    assert sp.kw == {"max_tokens": 3} and sp.skip_reading_prefix_cache is True
+
+
+def test_worker_discards_uncollected_reads():
+    w = FakeWorker()
+    w.amygdala_install()
+    w.amygdala_set_probe("p", {0: None})
+    w.model_runner.add("X", [3, 4, 5], **{XARG_READ: "rx", XARG_PROBE: "p"})
+    w.model_runner.step([("X", [3, 4, 5], 0)])
+    st = w.__dict__["_amygdala"]
+    assert st.engine.reads.keys() == ["rx"]
+    w.amygdala_discard(["rx"])
+    assert st.engine.reads.keys() == [] and w.amygdala_collect(["rx"]) == {}
+
+
+def test_worker_extension_names_cannot_collide_with_vllms_worker():
+    own = [a for a in vars(AmygdalaWorkerExtension) if not a.startswith("__")]
+    assert own and all(a.startswith(("amygdala_", "_amygdala_")) for a in own), own

@@ -12,17 +12,25 @@ uses too. Limits are in the input schema (annotations evaluated in register(), h
 
 from typing import Annotated, Any, Literal
 
+from amygdala.dream.certificates import STATUSES, CertificateRecord
+from amygdala.dream.verify import VerifyReport
+from amygdala.memory_graph.models import NODE_ID_PATTERN
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
-from amygdala.dream.certificates import STATUSES, CertificateRecord
-from amygdala.dream.verify import VerifyReport
-from amygdala.memory_graph.models import NODE_ID_PATTERN
-
-from ..dream_api import (MAX_BUDGET_MINUTES, MAX_BUDGET_STEPS, AddInvariantResult, DreamService, DreamStatusResult,
-                         ListCertificatesResult, ListInvariantsResult, RunDreamResult, RunRequest)
+from ..dream_api import (
+    MAX_BUDGET_MINUTES,
+    MAX_BUDGET_STEPS,
+    AddInvariantResult,
+    DreamService,
+    DreamStatusResult,
+    ListCertificatesResult,
+    ListInvariantsResult,
+    RunDreamResult,
+    RunRequest,
+)
 from ..services import Services
 from .common import in_thread, on_engine, services, tool_errors
 

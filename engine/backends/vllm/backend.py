@@ -81,7 +81,8 @@ def build_request(req: GenerationRequest, *, weights_version: int, steer: str | 
         xargs[XARG_READ] = read_key
         xargs[XARG_PROBE] = probe
     params = {"max_tokens": requested, "temperature": float(s.temperature), "top_p": float(s.top_p),
-              "top_k": int(s.top_k), "seed": s.seed, "ignore_eos": not s.stop_at_eos, "logprobs": 0,
+              "top_k": int(s.top_k) or -1,  # -1 is "off" in every vLLM version; 0 only in newer ones
+              "seed": s.seed, "ignore_eos": not s.stop_at_eos, "logprobs": 0,
               "extra_args": xargs or None, "skip_reading_prefix_cache": cp.skip_reading_prefix_cache}
     prompt = {"prompt_token_ids": list(req.prompt_ids), "cache_salt": cp.cache_salt}
     return VllmRequest(prompt=prompt, params=params, read_key=read_key, requested_tokens=requested)
@@ -135,6 +136,16 @@ def assemble_output(req: GenerationRequest, vreq: VllmRequest, token_ids: Sequen
     text = decode([t for t in toks if t not in stop_ids])
     return GenerationOutput(prompt_ids=list(req.prompt_ids), token_ids=toks, text=text, finish_reason=reason,  # type: ignore[arg-type]
                             logprobs=lps, projections=proj)
+
+
+def _sampling_params(cls: Any, params: dict[str, Any]) -> Any:
+    """SamplingParams from build_request's keywords; the prefix-cache flag is set as an attribute,
+    which every vLLM that has it accepts (vllm-lens sets it the same way)."""
+    kw = {k: v for k, v in params.items() if k != "skip_reading_prefix_cache"}
+    sp = cls(**kw)
+    if params.get("skip_reading_prefix_cache"):
+        sp.skip_reading_prefix_cache = True
+    return sp
 
 
 class VllmBackend:
@@ -206,17 +217,20 @@ class VllmBackend:
                 probes.append(None)
         vreqs = [build_request(r, weights_version=self.weights_version, steer=k, probe=p)
                  for r, k, p in zip(requests, plan_keys, probes)]
+        keys = [v.read_key for v in vreqs if v.read_key]
+        collected: dict[str, dict] | None = None
         try:
             for key, plan in steer_keys.items():
                 self.llm.collective_rpc("amygdala_set_steering",
                                         args=(key, {i: v.cpu() for i, v in plan.pushes.items()}, plan.positions))
-            outs = self.llm.generate([v.prompt for v in vreqs], [SamplingParams(**v.params) for v in vreqs],
+            outs = self.llm.generate([v.prompt for v in vreqs], [_sampling_params(SamplingParams, v.params) for v in vreqs],
                                      use_tqdm=False)
-            keys = [v.read_key for v in vreqs if v.read_key]
             collected = merge_collected(self.llm.collective_rpc("amygdala_collect", args=(keys,))) if keys else {}
         finally:
             if steer_keys:
                 self.llm.collective_rpc("amygdala_clear_steering", args=(sorted(steer_keys),))
+            if keys and collected is None:
+                self.llm.collective_rpc("amygdala_discard", args=(keys,))
         results = []
         for r, v, o in zip(requests, vreqs, outs):
             c = o.outputs[0]
@@ -254,8 +268,9 @@ class VllmBackend:
     def write_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """In place through load_weights on every worker; then a new cache salt and a prefix-cache reset."""
         check_names(list(tensors), self.weight_names())
-        self.llm.collective_rpc("amygdala_load_weights", args=([(n, t.cpu()) for n, t in tensors.items()],))
-        self.weights_version += 1  # every later request gets a new salt: no block from the old weights is reused
+        versions = self.llm.collective_rpc("amygdala_load_weights", args=([(n, t.cpu()) for n, t in tensors.items()],))
+        # every later request gets a new salt: no block computed with the old weights is reused
+        self.weights_version = max([self.weights_version + 1, *versions])
         self.llm.reset_prefix_cache()
 
     def weights_sha256(self) -> str:

@@ -215,8 +215,11 @@ def layout_from_runner(runner: Any, num_tokens: int, cache: dict[str, _RequestMe
         if meta is None:
             state = runner.requests[rid]
             xa = _extra_args(state)
+            n_prompt = getattr(state, "num_prompt_tokens", None)
+            if not isinstance(n_prompt, int):
+                n_prompt = len(state.prompt_token_ids or [])
             meta = _RequestMeta(xa.get(XARG_STEER) or None, xa.get(XARG_READ) or None, xa.get(XARG_PROBE) or None,
-                                len(state.prompt_token_ids))
+                                n_prompt)
             cache[rid] = meta
         metas.append(meta)
     live = set(req_ids)
@@ -242,17 +245,25 @@ def _is_missing_layer(layer: nn.Module) -> bool:
     return type(layer).__name__ == "PPMissingLayer"  # pipeline parallel: the layer lives on another rank
 
 
+def _num_tokens(args: tuple, kwargs: dict) -> int | None:
+    """Rows of this forward: input_ids (N,), else inputs_embeds (N, H), else positions (N,) or M-RoPE's (3, N)."""
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0])
+    e = kwargs.get("inputs_embeds", args[3] if len(args) > 3 else None)
+    if isinstance(e, torch.Tensor):
+        return int(e.shape[0])
+    p = kwargs.get("positions", args[1] if len(args) > 1 else None)
+    return int(p.shape[-1]) if isinstance(p, torch.Tensor) else None
+
+
 def install_hooks(model: nn.Module, engine: HookEngine, layout_source: Callable[[int], BatchLayout | None]) -> list[int]:
     """One pre-hook on the decoder stack (plans the forward) and one hook per local decoder layer."""
     parent, layers = find_decoder_layers(model)
 
     def plan(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None:
-            x = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        engine.begin(layout_source(int(x.shape[0])) if x is not None else None)
+        n = _num_tokens(args, kwargs)
+        engine.begin(layout_source(n) if n is not None else None)
 
     handles = [parent.register_forward_pre_hook(plan, with_kwargs=True)]
     local = []
@@ -278,18 +289,22 @@ class _WorkerState:
 
 
 class AmygdalaWorkerExtension:
-    """Methods vLLM mixes into its worker (`worker_extension_cls`); call them with collective_rpc."""
+    """Methods vLLM mixes into its worker (`worker_extension_cls`); call them with collective_rpc.
+
+    vLLM refuses an extension with an attribute its Worker already has, so every name here,
+    private helpers included, starts with `amygdala_` / `_amygdala_`.
+    """
 
     model_runner: Any  # provided by vLLM's Worker
     rank: int
     parallel_config: Any
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _model(self) -> nn.Module:
+    def _amygdala_model(self) -> nn.Module:
         runner = self.model_runner
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
-    def _state(self) -> _WorkerState:
+    def _amygdala_state(self) -> _WorkerState:
         st = self.__dict__.get("_amygdala")
         if st is None:
             raise HookError("amygdala hooks are not installed in this worker; call collective_rpc('amygdala_install') first")
@@ -308,12 +323,12 @@ class AmygdalaWorkerExtension:
         if mc is not None and not getattr(mc, "enforce_eager", True):
             raise HookError("vLLM runs with torch.compile/CUDA graphs, where forward hooks do not run: "
                             "start it with enforce_eager=True (`--enforce-eager`)")
-        model = self._model()
+        model = self._amygdala_model()
         _, layers = find_decoder_layers(model)
         p = next(model.parameters())
         tp = int(getattr(getattr(self, "parallel_config", None), "tensor_parallel_size", 1) or 1)
         rank = int(getattr(self, "rank", 0) or 0)
-        hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or _hidden_of(layers))
+        hidden = int(getattr(_text_config(model), "hidden_size", 0) or _hidden_of(layers))
         engine = HookEngine(hidden, p.device, p.dtype, capture=tp <= 1 or rank % tp == 0)
         meta: dict[str, _RequestMeta] = {}
         local = install_hooks(model, engine, lambda n: layout_from_runner(runner, n, meta))
@@ -321,9 +336,9 @@ class AmygdalaWorkerExtension:
         return self.amygdala_info()
 
     def amygdala_info(self) -> dict:
-        st = self._state()
-        model = self._model()
-        cfg = getattr(model, "config", None)
+        st = self._amygdala_state()
+        model = self._amygdala_model()
+        cfg = _text_config(model)
         return {"rank": int(getattr(self, "rank", 0) or 0), "layers": st.layers, "n_layers": st.n_layers,
                 "hidden_size": st.engine.hidden_size, "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
                 "dtype": str(st.engine.steering.dtype).removeprefix("torch."), "device": str(st.engine.device),
@@ -332,51 +347,57 @@ class AmygdalaWorkerExtension:
 
     # -- steering and probes -----------------------------------------------------------------------
     def amygdala_set_steering(self, key: str, vectors: Mapping[int, torch.Tensor], positions: str) -> None:
-        st = self._state()
+        st = self._amygdala_state()
         bad = [i for i in vectors if not 0 <= int(i) < st.n_layers]
         if bad:
             raise ValueError(f"steering layers {bad} out of range: the model has {st.n_layers} decoder layers")
         st.engine.steering.register(key, vectors, positions)
 
     def amygdala_clear_steering(self, keys: Sequence[str]) -> None:
-        st = self._state()
+        st = self._amygdala_state()
         for k in keys:
             st.engine.steering.remove(k)
 
     def amygdala_set_probe(self, probe_id: str, weight: Mapping[int, torch.Tensor | None],
                            bias: Mapping[int, torch.Tensor | None] | None = None) -> None:
-        self._state().engine.set_probe(probe_id, weight, bias)
+        self._amygdala_state().engine.set_probe(probe_id, weight, bias)
 
     def amygdala_clear_probe(self, probe_id: str) -> None:
-        self._state().engine.probes.pop(probe_id, None)
+        self._amygdala_state().engine.probes.pop(probe_id, None)
 
     def amygdala_collect(self, read_keys: Sequence[str]) -> dict[str, dict] | None:
         """Projections of finished requests (removed here); None on ranks that do not capture."""
-        st = self._state()
+        st = self._amygdala_state()
         if not st.engine.capture:
             for k in read_keys:
                 st.engine.reads.drop(k)
             return None
         return {k: r for k in read_keys if (r := st.engine.reads.take(k)) is not None}
 
+    def amygdala_discard(self, read_keys: Sequence[str]) -> None:
+        """Forget projections nobody will collect (a generate call that failed or was aborted)."""
+        st = self._amygdala_state()
+        for k in read_keys:
+            st.engine.reads.drop(k)
+
     # -- weights -----------------------------------------------------------------------------------
-    def _hf_views(self) -> dict[str, torch.Tensor]:
-        model = self._model()
+    def _amygdala_hf_views(self) -> dict[str, torch.Tensor]:
+        model = self._amygdala_model()
         cfg = model.config
         tp = int(getattr(getattr(self, "parallel_config", None), "tensor_parallel_size", 1) or 1)
         if tp > 1:
             raise HookError(f"weights by HuggingFace name need whole tensors; this worker holds a 1/{tp} shard. "
                             "Read and sync weights with tensor_parallel_size=1")
         live = {n: p.data for n, p in model.named_parameters()}
-        text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+        text_cfg = _text_config(model)
         return hf_views(live, kv_rows(text_cfg), getattr(text_cfg, "vocab_size", None),
                         bool(getattr(text_cfg, "tie_word_embeddings", getattr(cfg, "tie_word_embeddings", False))))
 
     def amygdala_weight_names(self) -> list[str]:
-        return sorted(self._hf_views())
+        return sorted(self._amygdala_hf_views())
 
     def amygdala_read_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        views = self._hf_views()
+        views = self._amygdala_hf_views()
         missing = [n for n in names if n not in views]
         if missing:
             raise KeyError(f"unknown weight name(s) {missing[:5]}; use amygdala_weight_names()")
@@ -388,8 +409,8 @@ class AmygdalaWorkerExtension:
         load_weights packs q/k/v and gate/up (stacked_params_mapping) and shards for tensor
         parallelism itself. Returns the new weights version.
         """
-        st = self._state()
-        model = self._model()
+        st = self._amygdala_state()
+        model = self._amygdala_model()
         with torch.no_grad():
             loaded = model.load_weights(weights=iter(list(items)))
         if items and loaded is not None and not loaded:  # vLLM returns the live names it filled
@@ -408,11 +429,18 @@ class AmygdalaWorkerExtension:
         """sha256 over HuggingFace names and bytes in sorted order: LoadedModel.weights_sha256's definition."""
         h = hashlib.sha256()
         with torch.no_grad():
-            for name, t in sorted(self._hf_views().items()):
+            for name, t in sorted(self._amygdala_hf_views().items()):
                 h.update(name.encode())
                 c = t.detach().contiguous().cpu()
                 h.update(memoryview(c.view(torch.uint8).numpy()) if c.numel() else b"")
         return h.hexdigest()
+
+
+def _text_config(model: nn.Module) -> Any:
+    """The language model's config (multimodal wrappers such as Gemma 3 4B+ nest it as text_config)."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
 
 
 def _hidden_of(layers: nn.ModuleList) -> int:

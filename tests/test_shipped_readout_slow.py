@@ -1,0 +1,60 @@
+"""The shipped readout of the embedded model is what a build from scratch produces today (slow: 10-25 min).
+
+If this fails after a change to the corpus, the fit or the build settings, re-ship with
+`amygdala vectors train --ship` (and bump shipped.BUILD_VERSION if the fit changed but no setting did).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amygdala.corpus import load_corpus
+from amygdala.engine.readout import ReadoutManager, readout_dir_name
+from amygdala.training.vectors.build import build_readout, ensure_readout
+from amygdala.training.vectors.shipped import SHIPPED_ROOT, settings_hash, shipped_builds
+
+pytestmark = pytest.mark.slow
+TOLERANCE = 2e-3  # float16 vectors (<= 1e-3, measured at ship time) plus thread-count float noise
+
+
+def _shipped(lm):
+    d = SHIPPED_ROOT / readout_dir_name(lm.name, lm.path)
+    builds = dict(shipped_builds())
+    assert d in builds, f"no shipped readout for {lm.name} in {SHIPPED_ROOT}; ship one with `amygdala vectors train --ship`"
+    return d, builds[d]
+
+
+def test_fresh_home_uses_the_shipped_readout_at_once(embedded_config, embedded_lm, tmp_path, monkeypatch):
+    import amygdala.training.vectors.build as build_mod
+
+    d, b = _shipped(embedded_lm)
+    cfg = embedded_config.model_copy(update={"home": tmp_path / "home"})  # fresh home, the same loaded model
+    monkeypatch.setattr(build_mod, "build_readout", lambda *a, **k: pytest.fail(f"rebuilt instead of using {d}"))
+    lines: list[str] = []
+    r = ensure_readout(embedded_lm, cfg, echo=lines.append)
+    assert any("using the shipped emotion readout" in x for x in lines), lines
+    assert len(r.concepts) == 267 and r.manifest.drift_probe
+
+
+def test_rebuild_from_scratch_matches_the_shipped_readout(embedded_lm, tmp_path):
+    d, b = _shipped(embedded_lm)
+    corpus = load_corpus()
+    assert b.weights_hash == embedded_lm.weights_hash(), "weights hash differs: the embedded model changed; re-ship"
+    assert b.corpus_hash == corpus.content_hash(), "corpus hash differs: the corpus was edited; re-ship"
+    assert b.settings_hash == settings_hash(), "settings hash differs: the build settings changed; re-ship"
+    fresh = build_readout(embedded_lm, corpus, tmp_path / "fresh", plots=False, echo=lambda m: None, cache_dir=None).readout
+    shipped = ReadoutManager.from_file(d, model=embedded_lm)
+    m_new, m_old = fresh.manifest, shipped.manifest
+    for key in ("concepts", "families", "layers", "default_layers", "pooling", "standardize", "pca_share", "whiten",
+                "window", "corpus_hash", "drift_probe"):
+        assert getattr(m_new, key) == getattr(m_old, key), key
+    assert m_new.model.weights_hash == m_old.model.weights_hash
+    texts = [t.text for t in corpus.neutral[:6]] + [s[0].text for _, s in sorted(corpus.stories.items())[:10]]
+    texts += ["I finally got the tests passing after eleven days.", "ok", "Why does nobody ever answer my emails?"]
+    a = fresh.read(texts, layers=m_new.layers)
+    b2 = shipped.read(texts, layers=m_old.layers)
+    worst = max(float((x.per_layer[i] - y.per_layer[i]).abs().max()) for x, y in zip(a, b2) for i in m_new.layers)
+    assert worst <= TOLERANCE, f"scores differ from the shipped readout by up to {worst:.2e} z; re-ship"
+    for i in m_new.layers:
+        assert torch.allclose(fresh.layers[i].score_std, shipped.layers[i].score_std, rtol=1e-3, atol=1e-5)

@@ -12,8 +12,9 @@
    pass rate on the embedded model. "fixed n same" is the smallest fixed n whose exact chance of the
    correct verdict reaches the sequential test's (capped at 99%): what a fixed-n plan must spend to
    decide as reliably, had it known the rate in advance; a real fixed-n plan does not know it.
-3. A real sequential certification of each shipped invariant on the embedded model: cases judged
-   until it stopped, against the default fixed n.
+3. The real judge: a fixed-n certification of each shipped invariant on the embedded model, and
+   where the sequential test (same seed, hence the same cases in the same order: a sequential run
+   judges a prefix of the fixed run) stops on those very outcomes, against that fixed n.
 
 Certificates and the graph go to a temporary home; the model (and a readout, if one is already in
 the home or ships with the package) comes from $AMYGDALA_HOME.
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import load_embedded, machine_line  # noqa: E402
 
 from amygdala.dream import invariants  # noqa: E402
-from amygdala.dream.bounds import fixed_n_power, sequential_batch  # noqa: E402
+from amygdala.dream.bounds import SequentialTest, fixed_n_power, sequential_batch  # noqa: E402
 from amygdala.dream.certify import DEFAULT_N, CertifySettings, certify, held_out_pool  # noqa: E402
 from amygdala.dream.judges import JudgeContext, build_judge  # noqa: E402
 from amygdala.engine.config import Config  # noqa: E402
@@ -65,7 +66,7 @@ def load_readout(lm):
 
 
 def throughput(lm, readout, spec, kinds, n_pref: int, n_gen: int, max_new_tokens: int) -> dict[str, float]:
-    pool = held_out_pool(spec, seed=0, want=max(n_pref, n_gen))
+    pool = held_out_pool(spec, seed=0)
     out = {}
     judges = {
         "preference": {}, "rules": {"must_not": ["(?i)as an ai"]}, "direction": {},
@@ -129,8 +130,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--kinds", default="preference,rules,direction,readout")
+    ap.add_argument("--fixed-n", type=int, default=DEFAULT_N, help="Cases of the real fixed-n certification.")
+    ap.add_argument("--pref-cases", type=int, help="Cases timed for the preference judge (default 40; quick 16).")
+    ap.add_argument("--gen-cases", type=int, help="Cases timed per generating judge (default 8; quick 4).")
     args = ap.parse_args()
     n_pref, n_gen, runs = (16, 4, 2000) if args.quick else (40, 8, 10000)
+    n_pref, n_gen = args.pref_cases or n_pref, args.gen_cases or n_gen
 
     t_load = time.perf_counter()
     lm = load_embedded()
@@ -152,17 +157,20 @@ def main() -> None:
         for spec in specs.values():
             invariants.store(graph, spec)
         measured: dict[str, float] = {}
-        print(f"\n2a. real preference judge, fixed n={DEFAULT_N} (or the whole held-out pool) per shipped invariant")
-        for name in specs:
-            rec = certify(graph, cfg, lm, name, settings=CertifySettings(n=DEFAULT_N))
+        print(f"\n2. real preference judge, fixed n={args.fixed_n} (capped by the held-out pool) per shipped "
+              "invariant, and where the sequential test stops on the same cases")
+        for name, spec in specs.items():
+            rec = certify(graph, cfg, lm, name, settings=CertifySettings(n=args.fixed_n))
             measured[name] = rec.result.passes / rec.result.n
             print(f"  {name:>10}: {rec.result.summary}; pool {rec.pool_size}; {rec.duration_s:.1f} s "
                   f"({rec.result.n / rec.duration_s:.2f} cases/s)")
-        print("\n2b. sequential test: real run on the embedded model (n_max = the held-out pool)")
-        for name in specs:
-            rec = certify(graph, cfg, lm, name, settings=CertifySettings(n=N_MAX, sequential=True, seed=1))
-            print(f"  {name:>10}: stopped after {rec.result.n} of at most {rec.result.n_max} cases: "
-                  f"{rec.result.verdict} (fixed n would judge {min(DEFAULT_N, rec.pool_size)}); {rec.duration_s:.1f} s")
+            test = SequentialTest(spec.threshold, spec.confidence, n_max=rec.pool_size)
+            for c in rec.cases:
+                if test.update(c.passed) != "continue":
+                    break
+            where = (f"stops after {test.n} cases: {test.state}" if test.done
+                     else f"still undecided after {test.n} (bounds {test.lower:.3f}-{test.upper:.3f})")
+            print(f"  {'':>10}  sequential on the same cases: {where} (fixed judged {rec.result.n})")
         graph.close()
 
     print("\n3. sequential vs fixed n at the same confidence (95%), simulated coins")

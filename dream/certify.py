@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_N = 60  # fixed n: enough for a 0.8 threshold with a few failures at 95% (14 cases with none)
 DEFAULT_SEQUENTIAL_N_MAX = 200
 DEFAULT_BATCH = 8
-TEMPLATE_DRAW_FACTOR = 4  # template expansions asked for per case needed: about a third of them are held out
+TEMPLATE_DRAWS = 1000  # template fills drawn per pool (about a third are held out); fixed, so the pool of a
+# seed does not depend on how many cases a run asks for: a sequential run judges a prefix of the fixed run
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 
@@ -69,11 +70,14 @@ class CertifySettings(BaseModel):
         return self.n if self.n is not None else (DEFAULT_SEQUENTIAL_N_MAX if self.sequential else DEFAULT_N)
 
 
-def held_out_pool(spec: InvariantSpec, seed: int, want: int, memories: Sequence[str] = ()) -> list[Case]:
-    """Distinct held-out cases of `spec` in a seeded order: written ones and template expansions."""
+def held_out_pool(spec: InvariantSpec, seed: int, memories: Sequence[str] = ()) -> list[Case]:
+    """Distinct held-out cases of `spec` in a seeded order: written ones and template expansions.
+
+    The same for every run with this seed, whatever its n: the order is the run's order.
+    """
     _, held = split(spec)
     rng = random.Random(f"amygdala.certify:{spec.name}:{seed}")
-    extra = [c for c in expand_templates(spec, rng, max(TEMPLATE_DRAW_FACTOR * want, 64), memories) if c.held_out]
+    extra = [c for c in expand_templates(spec, rng, TEMPLATE_DRAWS, memories) if c.held_out]
     pool: list[Case] = []
     seen: set[str] = set()
     for c in [*held, *extra]:
@@ -142,7 +146,7 @@ def certify(graph: MemoryGraph, config: Config, lm: LoadedModel, invariant: str,
     spec = load(graph, invariant)
     node = active_node(graph, invariant)
     assert node is not None
-    pool = held_out_pool(spec, settings.seed, settings.wanted, memories)
+    pool = held_out_pool(spec, settings.seed, memories)
     if not pool:
         raise DreamError(f"invariant {spec.name!r} has no held-out cases to certify on; add cases or templates")
     cases = pool[:settings.wanted]

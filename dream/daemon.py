@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from amygdala.memory_graph import DreamCycle, MemoryGraph
 
+from .errors import DreamError
 from .loop import CycleReport, DreamDeps, DreamLoop, DreamSettings
 from .runner import (
     CycleFn,
@@ -117,6 +118,35 @@ def recertify_fn(recertify: CertifyPort) -> RecertifyFn:
                                 failed=list(report.not_certified), certificate_ids=list(report.certificate_ids))
 
     return run
+
+
+def certify_after_cycle(graph: MemoryGraph, config: Any, lm: Any, readout: Any, cycle_id: str | None,
+                        progress: Callable[[int, int, str], None]) -> Any:
+    """After a cycle kept trained weights: every active invariant gets a certificate on the new weights.
+
+    Those whose newest certificate went stale are certified again (`certify.recertify_stale`), and
+    those never certified are certified for the first time, so the operator's review page has a
+    current certificate for each rule the weights were trained against.
+    """
+    from .certificates import certificate_nodes
+    from .certify import certify, recertify_stale
+    from .invariants import active
+
+    report = recertify_stale(graph, config, lm, readout=readout, cycle_id=cycle_id, progress=progress)
+    never = [spec.name for spec in active(graph) if not certificate_nodes(graph, spec.name)]
+    for i, name in enumerate(never):
+        progress(i, len(never), f"certifying {name} (first certificate)")
+        try:
+            rec = certify(graph, config, lm, name, readout=readout, cycle_id=cycle_id)
+        except DreamError as exc:
+            report.not_certified.append(f"{name}: {exc}")
+            continue
+        report.certificate_ids.append(rec.id)
+        if rec.verdict == "certified":
+            report.certified.append(name)
+        else:
+            report.not_certified.append(f"{name}: {rec.verdict} ({rec.result.passes}/{rec.result.n})")
+    return report
 
 
 class SyncNow(Protocol):

@@ -353,8 +353,10 @@ class DreamLoop:
                 self._rollback(run, report, first_job, f"cycle {cycle_id} was cancelled before its evaluation")
                 report.reason += "; the weights were rolled back to before the cycle"
         except BaseException as exc:
-            report.outcome = "failed"
-            report.reason = f"{type(exc).__name__}: {exc}"
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            report.outcome = "interrupted" if stopped else "failed"
+            report.reason = (f"stopped by {type(exc).__name__} in phase {run.phase}" if stopped
+                             else f"{type(exc).__name__}: {exc}")
             jobs = report.training.jobs
             if jobs and report.training.steps_applied > 0 and not report.training.rolled_back and d.trainer is not None:
                 try:
@@ -733,7 +735,7 @@ class DreamLoop:
         ppl = {"before": report.before.perplexity if report.before else None,
                "after": report.after.perplexity if report.after else None}
         self.deps.graph.update_cycle(
-            run.id, finished=report.finished, phase="done", outcome=report.outcome, reason=report.reason,
+            run.id, finished=report.finished, phase=report.phase, outcome=report.outcome, reason=report.reason,
             progress=dict(run.progress), temperature=report.temperature, failure_rate=report.failure_rate,
             counts=dict(report.counts), invariants=per_inv, perplexity=ppl,
             training=report.training.model_dump(mode="json"), timings=report.timings,

@@ -195,6 +195,7 @@ class DreamRunner:
         self._pending_recertify: tuple[bool, str | None] = (False, None)
         self._closed = False
         self.on_cycle_done: list[Callable[[CycleSummary], None]] = []
+        self.on_recertify_done: list[Callable[[RecertifySummary], None]] = []  # after a pass that did not raise
 
     # -- starting -----------------------------------------------------------------------------
     def start(self, request: DreamRequest) -> Activity:
@@ -311,6 +312,11 @@ class DreamRunner:
         summary = replace(summary, finished_at=summary.finished_at or utcnow())
         with self._lock:
             self._last_recertify = summary
+        for hook in list(self.on_recertify_done):
+            try:
+                hook(summary)
+            except Exception:
+                log.exception("a re-certification hook failed")
 
     # -- called by Progress -------------------------------------------------------------------
     def _update(self, token: object, **changes: object) -> None:

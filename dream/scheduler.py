@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 NIGHTLY_JOB_ID = "amygdala-dream-nightly"
 RECERTIFY_JOB_ID = "amygdala-recertify"
 MISFIRE_GRACE_S = 6 * 3600
+RECERTIFY_FALLBACK_S = 3600  # the stored re-certification job: only a daemon that died before it ran needs it
 DEFAULT_DREAM_AT = time(3, 0)
 PERSISTENT = "default"
 
@@ -178,6 +179,7 @@ class DreamScheduler:
         if runner is not None:
             REGISTRY[self.key] = runner
             runner.on_cycle_done.append(self._after_cycle)
+            runner.on_recertify_done.append(lambda _summary: self.remove_recertify())
         self.scheduler.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_ERROR)
         self.scheduler.start(paused=True)
         try:
@@ -221,8 +223,16 @@ class DreamScheduler:
 
     # -- hooks --------------------------------------------------------------------------------
     def _after_cycle(self, summary: CycleSummary) -> None:
+        """A cycle kept trained weights: re-certify right after it, with a stored job as the safety net.
+
+        The runner chains the re-certification behind the cycle (nothing can start in between); the
+        persistent job, an hour out, only runs if the daemon dies first (after a restart it is due,
+        within the grace). A finished re-certification removes it.
+        """
         if summary.weights_changed and not summary.dry_run:
-            self.schedule_recertify(summary.cycle_id)
+            self.schedule_recertify(summary.cycle_id, delay_s=RECERTIFY_FALLBACK_S)
+            if self.runner is not None:
+                self.runner.recertify(summary.cycle_id)
 
     def schedule_recertify(self, after_cycle: str | None, delay_s: float = 0.0) -> datetime:
         """Queue re-certification of stale certificates (persistent: done after a restart too)."""
@@ -268,7 +278,7 @@ class DreamScheduler:
     def remove_recertify(self) -> None:
         try:
             self.scheduler.remove_job(RECERTIFY_JOB_ID, jobstore=PERSISTENT)
-        except JobLookupError:
+        except (JobLookupError, KeyError):  # KeyError: the store is detached (shutting down)
             pass
 
 

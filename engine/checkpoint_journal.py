@@ -33,12 +33,12 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, field_validator
 
-from amygdala.fsio import atomic_write, fsync_dir, fsync_file
+from amygdala.fsio import fsync_dir, tmp_path_for
 
 from .safetensors_file import header_length, header_sha256
 
@@ -187,7 +187,7 @@ class JournalWriter:
         self.meta = meta
         self._on_event = on_event or (lambda _e: None)
         # "x": a journal left by a crash must be recovered first, never overwritten.
-        self._fh = open(self.path, "xb", buffering=1 << 20)
+        self._fh = open(self.path, "xb", buffering=1 << 20)  # noqa: SIM115 (closed by commit or discard)
         raw = meta.model_dump_json().encode()
         self._fh.write(MAGIC + _LEN.pack(len(raw)) + raw + _LEN.pack(zlib.crc32(raw)))
         self._size = len(MAGIC) + 2 * _LEN.size + len(raw)
@@ -253,7 +253,7 @@ def new_meta(block_size: int, files: list[tuple[str, int, str]], **kw: object) -
 
 # --- reading --------------------------------------------------------------------------------------
 
-def _read_exact(fh, n: int, what: str) -> bytes:  # noqa: ANN001
+def _read_exact(fh: BinaryIO, n: int, what: str) -> bytes:
     data = fh.read(n)
     if len(data) != n:
         raise TornJournal(f"truncated in {what}")
@@ -432,28 +432,40 @@ def drop_journal(path: Path) -> None:
 
 def finish_journal(journal: Journal, model_dir: Path, on_event: EventHook | None = None) -> None:
     """Step 3: the file actions, then the journal disappears durably (deleted, or kept as an undo entry)."""
+    # Each touched directory is fsynced once, at the end, the journal's own directory last: until
+    # then a crash leaves the journal in place and the whole step is redone (it is idempotent).
     model_dir = Path(model_dir)
+    dirs: list[Path] = []
     for act in journal.meta.after:
         target = model_dir / act.path
         if act.op == "write":
             target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, act.text.encode())
+            tmp = tmp_path_for(target)
+            with open(tmp, "wb") as fh:
+                fh.write(act.text.encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
         else:
             target.unlink(missing_ok=True)
-            if target.parent.is_dir():
-                fsync_dir(target.parent)
+        if target.parent.is_dir() and target.parent not in dirs:
+            dirs.append(target.parent)
+    kept = None
     if journal.meta.keep_as is None:
-        drop_journal(journal.path)
+        journal.path.unlink(missing_ok=True)
     else:
         kept = model_dir / journal.meta.keep_as
         kept.parent.mkdir(parents=True, exist_ok=True)
         os.replace(journal.path, kept)
-        fsync_dir(kept.parent)
-        fsync_dir(journal.path.parent)
+        if kept.parent not in dirs:
+            dirs.append(kept.parent)
+    for d in [d for d in dirs if d != journal.path.parent] + [journal.path.parent]:
+        fsync_dir(d)
+    if kept is not None:
         # The redo bytes are in the model files now; the undo entry keeps header and undo records only.
-        # A crash before this cut leaves them in: readers stop at the first redo record either way.
+        # A crash before this cut (not fsynced: only space is at stake) leaves them in; readers stop at
+        # the first redo record either way.
         os.truncate(kept, journal.redo_start)
-        fsync_file(kept)
     if on_event:
         on_event("done")
 

@@ -23,7 +23,8 @@ class ReadEmotionsResult(BaseModel):
     layers: list[int] = Field(description="Decoder layers read (scores are averaged over them).")
     layer_depths: list[str] = Field(description="Each layer with its relative depth, e.g. 'layer 8 (44%)'.")
     tokens: int
-    per_token: list[TokenReadout] | None = Field(None, description="With per_token: the top 3 concepts at every token.")
+    per_token: list[TokenReadout] | None = Field(None, description="With per_token: the top 3 concepts at every token "
+                                                                   "(BOS left out: it is no text).")
     drift: str | None = Field(None, description="Set when training has moved the served weights away from the ones the "
                                                 "readout was fit on: how far, and how to refit.")
 

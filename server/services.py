@@ -295,15 +295,15 @@ def start_dream(services: Services, settings: DreamSettings | None = None, *, sh
                              sync_after_rollback=True, on_progress=on_progress, runner="daemon")
 
         def recertify(cycle_id, progress):
-            from amygdala.dream.certify import recertify_stale
+            from amygdala.dream.daemon import certify_after_cycle
 
-            return recertify_stale(services.graph, services.config, services.lm, readout=services.readout_manager,
-                                   cycle_id=cycle_id, progress=progress)
+            return certify_after_cycle(services.graph, services.config, services.lm, services.readout_manager,
+                                       cycle_id, progress)
 
         runner = DreamRunner(loop_cycle_fn(make_deps, settings), recertify=recertify_fn(recertify),
                              history=lambda: last_recorded_cycle(services.graph))
         services.dream = runner
-        services.on_close(lambda: runner.close(timeout=120) or log.warning("the dream cycle did not stop in time"))
+        services.on_close(lambda: runner.close(timeout=60) or log.warning("the dream cycle did not stop in time"))
     services.dream_scheduler.start(runner)
     return runner
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safetensors.numpy import load_file  # noqa: E402
-
-from amygdala.training.checkpoint.sync import sync_checkpoint  # noqa: E402
-from amygdala.training.checkpoint.undo import rollback  # noqa: E402
+from amygdala.training.checkpoint.sync import sync_checkpoint
+from amygdala.training.checkpoint.undo import rollback
+from safetensors.numpy import load_file
 
 
 def main() -> None:

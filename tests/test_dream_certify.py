@@ -125,12 +125,22 @@ def test_pool_caps_n_and_is_seeded(home, tiny_lm):
     cfg, graph = home
     store_spec(graph, polite_spec())
     spec = invariants.load(graph, "polite")
-    pool = held_out_pool(spec, seed=0, want=500)
+    pool = held_out_pool(spec, seed=0)
     assert all(c.held_out for c in pool) and len({c.id for c in pool}) == len(pool)
-    assert [c.id for c in held_out_pool(spec, 0, 500)] == [c.id for c in pool]
-    assert [c.id for c in held_out_pool(spec, 1, 500)] != [c.id for c in pool]
+    assert [c.id for c in held_out_pool(spec, 0)] == [c.id for c in pool]
+    assert [c.id for c in held_out_pool(spec, 1)] != [c.id for c in pool]
     rec = certify(graph, cfg, tiny_lm, "polite", settings=CertifySettings(n=500))
     assert rec.result.n == rec.pool_size == len(pool) < 500 and rec.n_requested == 500
+
+
+def test_sequential_run_judges_a_prefix_of_the_fixed_run(home, tiny_lm):
+    """Same seed, same pool order, deterministic judge: the sequential record is the fixed record cut short."""
+    cfg, graph = home
+    store_spec(graph, polite_spec(threshold=0.2))
+    fixed = certify(graph, cfg, tiny_lm, "polite", settings=CertifySettings(n=30, seed=4))
+    seq = certify(graph, cfg, tiny_lm, "polite", settings=CertifySettings(n=30, sequential=True, seed=4))
+    k = seq.result.n
+    assert [c.model_dump() for c in seq.cases] == [c.model_dump() for c in fixed.cases[:k]]
 
 
 def test_unknown_invariant_refused_and_nothing_stored(home, tiny_lm):

@@ -303,32 +303,52 @@ def test_cancel_and_close(home):
 
 
 # -- re-certification after a kept cycle ------------------------------------------------------------
-def test_a_cycle_that_kept_weights_queues_recertification_persistently(home):
-    done = threading.Event()
+def test_a_cycle_that_kept_weights_is_recertified_right_after_with_a_stored_safety_net(home):
+    entered, release = threading.Event(), threading.Event()
     calls: list[str | None] = []
+    fail = {"now": False}
 
     def recert(after, progress):
         progress("certify", 1, 2)
         calls.append(after)
-        done.set()
+        entered.set()
+        assert release.wait(10)
+        if fail["now"]:
+            raise RuntimeError("judge crashed")
         return RecertifySummary(after_cycle=after, attempted=2, certified=1, failed=["push-back: bound 0.7 < 0.8"])
 
     runner = DreamRunner(FakeCycle(weights_changed=True), recertify=recert)
     ds = open_sched(home, CronTrigger(hour=3, minute=0, timezone="UTC"), runner)
     try:
         a = ds.run_now(DreamRequest())
-        assert done.wait(10) and runner.wait(5)
-        assert calls == [a.cycle_id]
+        assert entered.wait(10)  # chained behind the cycle: the runner never went idle in between
+        assert not runner.wait(0.05) and runner.status().current.kind == "recertify"
+        with pytest.raises(DreamBusy, match="re-certification"):
+            runner.start(DreamRequest())
+        job = ds.scheduler.get_job(RECERTIFY_JOB_ID, jobstore=PERSISTENT)
+        assert job is not None and job.args == (str(home.resolve()), a.cycle_id)
+        assert job.next_run_time > in_seconds(50 * 60)  # only a daemon that dies first needs it
+        release.set()
+        assert runner.wait(5) and calls == [a.cycle_id]
         rs = runner.status().last_recertify
         assert rs.attempted == 2 and rs.certified == 1 and rs.after_cycle == a.cycle_id
-        assert ds.scheduler.get_job(RECERTIFY_JOB_ID, jobstore=PERSISTENT) is None  # a date job: gone once run
+        assert ds.scheduler.get_job(RECERTIFY_JOB_ID, jobstore=PERSISTENT) is None  # done: the safety net goes
+
+        fail["now"] = True  # a pass that fails keeps the stored job, so it is tried again
+        entered.clear()
+        b = ds.run_now(DreamRequest())
+        assert entered.wait(10) and runner.wait(5)
+        assert ds.scheduler.get_job(RECERTIFY_JOB_ID, jobstore=PERSISTENT).args[1] == b.cycle_id
+        assert any("judge crashed" in n for n in runner.status().notes)
+        ds.remove_recertify()
+
         nothing = DreamRunner(FakeCycle(weights_changed=False), recertify=recert)
         ds.runner = nothing  # a cycle that kept nothing queues nothing
         nothing.on_cycle_done.append(ds._after_cycle)
         nothing.start(DreamRequest())
         assert nothing.wait(5)
         _time.sleep(0.3)
-        assert calls == [a.cycle_id]
+        assert calls == [a.cycle_id, b.cycle_id] and ds.scheduler.get_job(RECERTIFY_JOB_ID, jobstore=PERSISTENT) is None
     finally:
         ds.shutdown()
 

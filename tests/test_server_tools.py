@@ -57,7 +57,7 @@ def test_read_emotions(svc):
     assert out["top"][0]["score"] >= out["top"][1]["score"] and out["top"][0]["family"] in ("warm", "cold")
     assert out["per_token"] is None and out["tokens"] > 5
     pt = call(svc, "read_emotions", {"text": "grey clock", "per_token": True, "layers": [1]}).structured_content
-    assert len(pt["per_token"]) == pt["tokens"] and len(pt["per_token"][0]["top"]) == 3 and pt["layers"] == [1]
+    assert len(pt["per_token"]) == pt["tokens"] - 1 and len(pt["per_token"][0]["top"]) == 3 and pt["layers"] == [1]  # no BOS row
 
 
 @pytest.mark.parametrize("args,needle", [

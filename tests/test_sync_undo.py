@@ -13,13 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from amygdala.engine.checkpoint_journal import journal_path, recover
+from amygdala.training.checkpoint.cli import sync_app
+from amygdala.training.checkpoint.sync import (
+    CheckpointSyncer,
+    StaleFileError,
+    SyncError,
+    sync_checkpoint,
+)
+from amygdala.training.checkpoint.undo import rollback, sync_log, undo_dir
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from amygdala.engine.checkpoint_journal import journal_path, recover
-from amygdala.training.checkpoint.cli import sync_app
-from amygdala.training.checkpoint.sync import CheckpointSyncer, StaleFileError, SyncError, sync_checkpoint
-from amygdala.training.checkpoint.undo import rollback, sync_log, undo_dir
 from tests.test_checkpoint_sync_crash import ST, run_worker, state_of, weights  # noqa: F401 (fixture)
 
 TENSORS = ["model.layers.0.mlp.up_proj.weight", "model.norm.weight", "model.embed_tokens.weight",
@@ -211,7 +216,7 @@ def test_cli_list_rollback_and_refusal_while_a_daemon_owns_the_home(model_dir, t
                 "r = CliRunner().invoke(sync_app, sys.argv[1:]); print(r.output); sys.exit(r.exit_code)")
         for args in (["rollback", "--model-dir", str(model_dir), "--home", str(home)],
                      ["--model-dir", str(model_dir), "--from", str(model_dir / ST), "--home", str(home)]):
-            p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+            p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, check=False)
             assert p.returncode == 2, p.stdout + p.stderr
             assert f"pid {os.getpid()}" in p.stdout and "owned by another amygdala daemon" in p.stdout, p.stdout
         assert (model_dir / ST).read_bytes() == images[3]

@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import ValidationError
-from safetensors.torch import load_file
-
 from amygdala.engine.config import Config
 from amygdala.engine.model import load_model
 from amygdala.training.checkpoint.sync import CheckpointSyncer
 from amygdala.training.client import TrainingClient
-from amygdala.training.schemas import (ATTENTION_PROJECTIONS, InvalidTargets, JobRejected, TrainExample, TrainJob,
-                                       TrainSettings, TrainTargets)
+from amygdala.training.schemas import (
+    ATTENTION_PROJECTIONS,
+    InvalidTargets,
+    JobRejected,
+    TrainExample,
+    TrainJob,
+    TrainSettings,
+    TrainTargets,
+)
 from amygdala.training.trainer import trainable_parameters
+from pydantic import ValidationError
+from safetensors.torch import load_file
 
 CONTEXT = [2] + [(5 * i) % 250 + 4 for i in range(40)]
 ORPO = TrainExample(context_ids=CONTEXT, continuation_ids=[100, 101, 102], rejected_ids=[150, 151], loss="orpo")

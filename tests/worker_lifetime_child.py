@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amygdala.engine.config import Config  # noqa: E402
-from amygdala.engine.testing import tiny_model  # noqa: E402
-from amygdala.training.client import TrainingClient  # noqa: E402
-from amygdala.training.schemas import TrainExample, TrainJob, TrainSettings  # noqa: E402
+from amygdala.engine.config import Config
+from amygdala.engine.testing import tiny_model
+from amygdala.training.client import TrainingClient
+from amygdala.training.schemas import TrainExample, TrainJob, TrainSettings
 
 CONTEXT = [2] + [(5 * i) % 250 + 4 for i in range(40)]
 ORPO = TrainExample(context_ids=CONTEXT, continuation_ids=[100, 101, 102], rejected_ids=[150, 151], loss="orpo")

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from torch import nn
-
 from amygdala.engine.model import find_layers
+from torch import nn
 
 from .schemas import InvalidTargets, TrainTargets
 

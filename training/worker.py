@@ -227,7 +227,7 @@ def worker_main(model: Any, boot: dict, version_value: Any, stop_event: Any, sta
                 try:
                     reply["copied"] = trainer.reload_from(Path(msg["model_dir"]), list(msg.get("names", [])))
                     reply["weights_version"] = version.value
-                except Exception as exc:  # noqa: BLE001: reported to the caller
+                except Exception as exc:  # reported to the caller
                     log.exception("reload from the checkpoint failed")
                     reply["error"] = f"{type(exc).__name__}: {exc}"
                 reply["snapshots"] = list(trainer.snapshots)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -24,9 +24,9 @@ from amygdala.home import HomeBusy
 
 from .format import SyncError, model_files
 
-ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="Model directory (default: the home's model, "
+ModelDirOpt = Annotated[Path | None, typer.Option("--model-dir", help="Model directory (default: the home's model, "
                                                      "the embedded one unless --model says otherwise).")]
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory (default $AMYGDALA_HOME or "
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="State directory (default $AMYGDALA_HOME or "
                                                  "~/.local/share/amygdala): refused while its daemon runs.")]
 
 
@@ -41,7 +41,7 @@ def load_checkpoint_tensors(source: Path) -> dict[str, Any]:
             raise SyncError(f"--from {f}: no such file; pass a .safetensors file or a directory of them")
         try:
             tensors = load_file(str(f))
-        except Exception as exc:  # noqa: BLE001: safetensors raises its own error types
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
             raise SyncError(f"--from {f}: not a readable safetensors file ({exc})") from None
         dup = set(tensors) & set(out)
         if dup:
@@ -61,7 +61,7 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _refuse_if_daemon(home: Optional[Path], doing: str) -> None:
+def _refuse_if_daemon(home: Path | None, doing: str) -> None:
     from amygdala.engine.config import Config
 
     try:
@@ -71,7 +71,7 @@ def _refuse_if_daemon(home: Optional[Path], doing: str) -> None:
               "belongs to it")
 
 
-def _model_dir(model_dir: Optional[Path], home: Optional[Path]) -> Path:
+def _model_dir(model_dir: Path | None, home: Path | None) -> Path:
     if model_dir is not None:
         return model_dir
     from amygdala.engine.config import Config
@@ -89,7 +89,7 @@ sync_app = typer.Typer(help="Checkpoint sync: write trained weights into a model
 def sync_main(
     ctx: typer.Context,
     model_dir: ModelDirOpt = None,
-    source: Annotated[Optional[Path], typer.Option("--from", help="Safetensors file or directory with the new weights (same tensor names).")] = None,
+    source: Annotated[Path | None, typer.Option("--from", help="Safetensors file or directory with the new weights (same tensor names).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")] = False,
     keep: Annotated[int, typer.Option("--keep", min=0, help="Syncs kept in the undo log (0: keep none).")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -128,7 +128,7 @@ def sync_main(
         typer.echo(report.summary())
 
 
-def _parent(ctx: typer.Context, model_dir: Optional[Path], home: Optional[Path], as_json: bool) -> tuple[Path, Optional[Path], bool]:
+def _parent(ctx: typer.Context, model_dir: Path | None, home: Path | None, as_json: bool) -> tuple[Path, Path | None, bool]:
     outer = ctx.obj or {}
     home = home or outer.get("home")
     return _model_dir(model_dir or outer.get("model_dir"), home), home, as_json or bool(outer.get("as_json"))
@@ -151,7 +151,7 @@ def list_cmd(ctx: typer.Context, model_dir: ModelDirOpt = None, home: HomeOpt = 
 
 @sync_app.command("rollback")
 def rollback_cmd(ctx: typer.Context,
-                 to: Annotated[Optional[int], typer.Option("--to", min=0, help="Sync point to go back to (see `sync list`); "
+                 to: Annotated[int | None, typer.Option("--to", min=0, help="Sync point to go back to (see `sync list`); "
                                                            "default: undo the newest sync.")] = None,
                  model_dir: ModelDirOpt = None, home: HomeOpt = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:

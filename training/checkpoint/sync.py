@@ -44,20 +44,47 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
-
 from amygdala.engine.checkpoint_journal import (
-    JournalWriter, RecoveryReport, apply_journal, drop_journal, finish_journal, journal_path, locked, new_meta,
-    pending_journal, recover, recover_locked,
+    JournalWriter,
+    RecoveryReport,
+    apply_journal,
+    drop_journal,
+    finish_journal,
+    journal_path,
+    locked,
+    new_meta,
+    pending_journal,
+    recover,
+    recover_locked,
 )
+from pydantic import BaseModel, Field
 
 from .alias import aliased, file_mappings, privatize
 from .format import (
-    AliasedMappingError, Fingerprint, JournalError, MismatchError, MissingTensorError, SafetensorsLayout,
-    StaleFileError, SyncError, TensorEntry, WeightsChangedError, fingerprint, model_files, read_layouts,
+    AliasedMappingError,
+    Fingerprint,
+    JournalError,
+    MismatchError,
+    MissingTensorError,
+    SafetensorsLayout,
+    StaleFileError,
+    SyncError,
+    TensorEntry,
+    WeightsChangedError,
+    fingerprint,
+    model_files,
+    read_layouts,
 )
 from .names import NameScheme, to_file_names, unpacked_names
-from .undo import DEFAULT_KEEP, RollbackReport, SyncLog, prune, reserve, rollback, sync_log
+from .undo import (
+    DEFAULT_KEEP,
+    RollbackReport,
+    SyncLog,
+    prune,
+    reserve,
+    rollback,
+    sync_log,
+)
 
 __all__ = [
     "BLOCK_SIZE", "DEFAULT_KEEP", "AliasedMappingError", "CheckpointSyncer", "JournalError", "MismatchError",
@@ -380,18 +407,21 @@ class _Outcome:
     version: int | None  # the weights version read at the start (even, unchanged through the read)
 
 
-def _live_map(live: Any, files: list[Path], on_alias: AliasPolicy, lock: Any) -> dict[str, Any]:
+def _live_map(live: Any, files: list[Path], on_alias: AliasPolicy, lock: Any,
+              mapped: list | None = None) -> tuple[dict[str, Any], list]:
+    """(live tensors by name, this process's mappings of `files` afterwards): /proc/self/maps is read once."""
+    mapped = file_mappings(files) if mapped is None else mapped
     if not _is_module(live):
-        return dict(live)
-    mapped = file_mappings(files)
+        return dict(live), mapped
     if mapped and on_alias == "copy" and not any(m.shared for m in mapped):
         if lock is not None:
             with lock:
                 privatize(live, files)
         else:
             privatize(live, files)
+        mapped = file_mappings(files)
     skip = set(getattr(live, "_keys_to_ignore_on_save", None) or ())  # HF: never written to files
-    return {k: v for k, v in live.state_dict().items() if k not in skip}
+    return {k: v for k, v in live.state_dict().items() if k not in skip}, mapped
 
 
 def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block_size: int,
@@ -420,10 +450,10 @@ def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block
                     raise StaleFileError(f"{lay.path} changed on disk since the served model was loaded ({why}); "
                                          "syncing would overwrite that change. Restart to serve the new checkpoint, "
                                          "or call rebase() to accept it and overwrite it with the live weights.")
-        live_map = _live_map(live, files, on_alias, lock)
+        live_map, mapped = _live_map(live, files, on_alias, lock)
         entries = {name: e for lay in layouts for name, e in lay.tensors.items()}
         views = _match(live_map, entries, names)
-        hits = aliased(views, file_mappings(files))
+        hits = aliased(views, mapped)
         if hits:
             name, m = next(iter(hits.items()))
             kind = "a shared (MAP_SHARED)" if m.shared else "a private"
@@ -547,7 +577,7 @@ def reload_into(live: Any, model_dir: Path, wanted: Collection[str], names: Name
     files = model_files(model_dir)
     layouts = read_layouts(files)
     entries = {n: e for lay in layouts for n, e in lay.tensors.items()}
-    live_map = _live_map(live, files, "copy", lock)
+    live_map, _ = _live_map(live, files, "copy", lock)
     views = _match(live_map, entries, names)
     data = _read_file_tensors(model_dir, set(wanted) & entries.keys())
     copied = 0
@@ -683,7 +713,7 @@ class CheckpointSyncer:
             if dirty is None:  # no tracking: anything may differ from the files
                 names = {n for lay in read_layouts(model_files(self.model_dir)) for n in lay.tensors}
             else:
-                live_map = _live_map(self.live, model_files(self.model_dir), self.on_alias, self.lock)
+                live_map, _ = _live_map(self.live, model_files(self.model_dir), self.on_alias, self.lock)
                 names = set(report.tensors) | (_dirty_file_names(dirty, live_map, self.names) or set())
             if self.reload is not None:
                 self.synced_version = self.reload(sorted(names))

@@ -29,24 +29,44 @@ Entries beyond `keep` are pruned oldest first after each sync.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from amygdala.engine.checkpoint_journal import (
+    FileAction,
+    Journal,
+    JournalWriter,
+    TornJournal,
+    apply_journal,
+    check_targets,
+    file_identity,
+    finish_journal,
+    journal_path,
+    locked,
+    new_meta,
+    read_meta,
+    read_undo_entry,
+    recover_locked,
+)
 from pydantic import BaseModel, Field
 
 from amygdala.fsio import fsync_dir
 
-from amygdala.engine.checkpoint_journal import (
-    FileAction, Journal, JournalWriter, TornJournal, apply_journal, check_targets, file_identity, finish_journal,
-    journal_path, locked, new_meta, read_meta, read_undo_entry, recover_locked,
+from .format import (
+    Fingerprint,
+    JournalError,
+    StaleFileError,
+    SyncError,
+    fingerprint,
+    model_files,
 )
-
-from .format import Fingerprint, JournalError, StaleFileError, SyncError, fingerprint, model_files
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +326,7 @@ def _plan(model_dir: Path, undone: list[tuple[int, Journal]]) -> tuple[list[Path
 
 
 def rollback(model_dir: Path, to: int | None = None, *, expect: Mapping[str, Fingerprint] | None = None,
-             on_event=None) -> tuple[RollbackReport, dict[str, Fingerprint]]:  # noqa: ANN001
+             on_event: Callable[[str], None] | None = None) -> tuple[RollbackReport, dict[str, Fingerprint]]:
     """Put the checkpoint back to sync point `to` (default: undo the last sync), crash-safely.
 
     `expect`: file name -> fingerprint the files must still have (the serving process's syncer), so
@@ -365,8 +385,8 @@ def rollback(model_dir: Path, to: int | None = None, *, expect: Mapping[str, Fin
 
 def _write_runs(writer: JournalWriter, sources: dict[tuple[int, int], _Source], block: int) -> None:
     """Redo records for the chosen old bytes, consecutive blocks merged into runs of up to 1 MiB."""
-    handles: dict[Path, object] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, BinaryIO] = {}
         keys = sorted(sources)
         i = 0
         while i < len(keys):
@@ -378,9 +398,9 @@ def _write_runs(writer: JournalWriter, sources: dict[tuple[int, int], _Source], 
                 src = sources[keys[j]]
                 fh = handles.get(src.path)
                 if fh is None:
-                    fh = handles[src.path] = open(src.path, "rb")
-                fh.seek(src.position)  # type: ignore[attr-defined]
-                data = fh.read(src.length)  # type: ignore[attr-defined]
+                    fh = handles[src.path] = stack.enter_context(open(src.path, "rb"))
+                fh.seek(src.position)
+                data = fh.read(src.length)
                 if len(data) != src.length:
                     raise JournalError(f"undo entry {src.path} shrank while rolling back; nothing was written")
                 parts.append(data)
@@ -390,7 +410,4 @@ def _write_runs(writer: JournalWriter, sources: dict[tuple[int, int], _Source], 
                     break
             writer.add(fi, b0 * block, b"".join(parts))
             i = j
-    finally:
-        for fh in handles.values():
-            fh.close()  # type: ignore[attr-defined]
 

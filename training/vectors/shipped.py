@@ -206,6 +206,8 @@ def ship(readout: ReadoutManager, lm: LoadedModel, ca: CorpusActivations, corpus
                          half_max_direction_error=dd, texts=len(ca.texts), tokens=ca.acts.n_tokens,
                          build_seconds=round(build_seconds, 1), amygdala_version=__version__, created=time.time())
     (tmp / SHIP_FILE).write_text(build.model_dump_json(indent=2) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # package data: readable by every user of an installed wheel (save_file writes 0600)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

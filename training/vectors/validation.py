@@ -330,18 +330,22 @@ def place_labels(ax, xy, names: Sequence[str], avoid: Sequence = (), max_labels:
     centre = np.median(xy, axis=0)
     scale = xy.std(axis=0) + 1e-12
     order = np.argsort(-np.linalg.norm((xy - centre) / scale, axis=1))
+    # the four corners around the point, tried in turn: a point at the frame's edge still gets its label
+    offsets = (((3, 2), "left", "bottom"), ((-3, 2), "right", "bottom"), ((3, -2), "left", "top"), ((-3, -2), "right", "top"))
     n = 0
     for i in order:
         if n >= max_labels:
             break
-        t = ax.annotate(names[i], xy[i], xytext=(3, 2), textcoords="offset points", fontsize=fontsize, alpha=0.85)
-        box = t.get_window_extent(renderer)
-        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-        if not inside or any(box.overlaps(b) for b in taken):
+        for off, ha, va in offsets:
+            t = ax.annotate(names[i], xy[i], xytext=off, textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
+                            alpha=0.85)
+            box = t.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in taken):
+                taken.append(box.expanded(1.04, 1.15))
+                n += 1
+                break
             t.remove()
-            continue
-        taken.append(box.expanded(1.04, 1.15))
-        n += 1
     return n
 
 

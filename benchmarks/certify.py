@@ -32,14 +32,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import load_embedded, machine_line  # noqa: E402
+from benchmarks._common import load_embedded, machine_line
 
-from amygdala.dream import invariants  # noqa: E402
-from amygdala.dream.bounds import SequentialTest, fixed_n_power, sequential_batch  # noqa: E402
-from amygdala.dream.certify import DEFAULT_N, CertifySettings, certify, held_out_pool  # noqa: E402
-from amygdala.dream.judges import JudgeContext, build_judge  # noqa: E402
-from amygdala.engine.config import Config  # noqa: E402
-from amygdala.memory_graph import MemoryGraph  # noqa: E402
+from amygdala.dream import invariants
+from amygdala.dream.bounds import SequentialTest, fixed_n_power, sequential_batch
+from amygdala.dream.certify import DEFAULT_N, CertifySettings, certify, held_out_pool
+from amygdala.dream.judges import JudgeContext, build_judge
+from amygdala.engine.config import Config
+from amygdala.memory_graph import MemoryGraph
 
 CONFIDENCE = 0.95
 N_MAX = 400
@@ -98,7 +98,10 @@ def matched_fixed_n(rate: float, threshold: float, target: float) -> int | None:
         return None
     want = min(target, CAP)
     lo, hi = 1, 5000
-    ok = lambda n: (fixed_n_power(n, rate, threshold, CONFIDENCE)[0 if rate > threshold else 1] >= want)  # noqa: E731
+
+    def ok(n: int) -> bool:
+        return fixed_n_power(n, rate, threshold, CONFIDENCE)[0 if rate > threshold else 1] >= want
+
     if not ok(hi):
         return None
     while lo < hi:  # the chance of the correct verdict grows with n (up to the lattice's small wiggles)

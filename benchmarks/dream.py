@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,21 +44,28 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="On-policy samples per case.")
     ap.add_argument("--train-batch", type=int, default=None)
     ap.add_argument("--preferred", choices=["reference", "best_sample"], default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--no-forced-choice", action="store_true", help="Train on-policy failures and corrections only.")
+    ap.add_argument("--held-out-templates", type=int, default=None)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
     overrides = {"budget_steps": args.budget_steps, "budget_minutes": args.budget_minutes, "lr": args.lr,
                  "cases_per_invariant": args.cases, "samples_per_case": args.samples,
-                 "train_batch_size": args.train_batch, "preferred": args.preferred}
-    settings = DreamSettings(**{k: v for k, v in overrides.items() if v is not None}, eval=EvalSettings())
+                 "train_batch_size": args.train_batch, "preferred": args.preferred,
+                 "max_new_tokens": args.max_new_tokens, "forced_choice": False if args.no_forced_choice else None}
+    ev = {} if args.held_out_templates is None else {"held_out_templates": args.held_out_templates}
+    settings = DreamSettings(**{k: v for k, v in overrides.items() if v is not None}, eval=EvalSettings(**ev))
     config = Config.load(home=args.home)
     print(machine_line())
+    load_before = os.getloadavg()
     print("settings:", json.dumps(settings.model_dump(mode="json", exclude={"temperature", "eval"})))
     t0 = time.perf_counter()
     report = run_standalone(config, settings, dry_run=args.dry_run, seed=args.seed,
                             train_settings=TrainSettings(threads=config.threads or 2), echo=lambda s: print(s, file=sys.stderr))
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
 
     print(f"\noutcome: {report.outcome}: {report.reason}")
     print(f"temperature {report.temperature} -> {report.next_temperature}, failure rate {report.failure_rate}")
@@ -82,6 +90,8 @@ def main() -> None:
     for phase, sec in report.timings.items():
         print(f"{phase:<12} {sec:>7.1f}")
     print(f"{'wall (incl. load)':<12} {wall:>7.1f}")
+    print(f"machine load average (1/5/15 min) before {load_before}, after {load_after}: other processes share "
+          "the 2 cores when it is above 2")
     mean_delta = sum(deltas) / len(deltas) if deltas else None
     targets = {
         "mean_pass_rate_up_20_points": mean_delta is not None and mean_delta >= 20,
@@ -91,7 +101,9 @@ def main() -> None:
     }
     print("\ntargets:", json.dumps(targets))
     out = {"report": report.model_dump(mode="json"), "wall_s": wall, "mean_delta_points": mean_delta,
-           "perplexity_drift": drift, "targets": targets, "machine": machine_line()}
+           "perplexity_drift": drift, "targets": targets, "machine": machine_line(),
+           "load_average_before": load_before, "load_average_after": load_after,
+           "settings": settings.model_dump(mode="json")}
     text = json.dumps(out, indent=1)
     if args.json_out:
         args.json_out.write_text(text)

@@ -62,7 +62,7 @@ def main() -> None:
                 raise SystemExit(f"daemon exited with {proc.returncode}; see {home / 'serve.log'}")
             try:
                 result = anyio.run(try_read, f"http://127.0.0.1:{port}/mcp")
-            except Exception:  # not listening yet
+            except Exception:  # noqa: BLE001 - not listening yet (connection errors arrive wrapped in task groups)
                 time.sleep(0.5)
                 continue
             if first_answer is None:

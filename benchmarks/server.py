@@ -90,12 +90,23 @@ async def load(url: str, clients: int, per_client: int) -> tuple[list[float], li
     return lat, errors
 
 
+def report_line(name: str, lat: list[float], errs: list[str], secs: float, n: int) -> None:
+    if lat:
+        print(f"  {name:<17} p50 {statistics.median(lat) * 1000:8.1f} ms   p95 {pct(lat, .95) * 1000:8.1f} ms   "
+              f"{len(lat)}/{n} ok, {len(errs)} errors, {len(lat) / secs:5.1f} calls/s", flush=True)
+    else:
+        print(f"  {name:<17} no successful calls, {len(errs)} errors", flush=True)
+    for e in errs[:5]:
+        print(f"      error: {e}", flush=True)
+
+
 def under_load(args: argparse.Namespace) -> None:
     """read_emotions latency idle vs while a dream cycle trains (daemon with its training worker)."""
     from amygdala.engine.config import Config
     from amygdala.engine.model import load_model
     from amygdala.training.vectors.build import ensure_readout
 
+    sys.stdout.reconfigure(line_buffering=True)  # a run cut short by a timeout still shows what it measured
     cfg = Config.load()
     print(machine_line())
     print(f"home {cfg.home}")
@@ -115,12 +126,15 @@ def under_load(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         idle, idle_err = anyio.run(load, url, args.clients, args.per_client)
         idle_s = time.perf_counter() - t0
+        n = args.clients * args.per_client
+        print(f"read_emotions, {args.clients} clients x {args.per_client} calls of a {len(TEXT)}-character text")
+        report_line("idle", idle, idle_err, idle_s, n)
         r = httpx.post(url + "/dream/run", json={"budget_steps": args.budget_steps, "budget_minutes": args.budget_minutes},
                        timeout=30)
         if r.status_code != 202:
             raise SystemExit(f"could not start a dream cycle: {r.status_code} {r.text}")
         cycle_id = r.json()["cycle_id"]
-        print(f"dream cycle {cycle_id} started (budget {args.budget_steps} steps, {args.budget_minutes} min)")
+        print(f"dream cycle {cycle_id} started (budget {args.budget_steps} steps, {args.budget_minutes} min)", flush=True)
         t_start = time.perf_counter()
         phases: list[str] = []
         while True:
@@ -133,7 +147,8 @@ def under_load(args: argparse.Namespace) -> None:
             if run["phase"] == "train":
                 break
             time.sleep(1.0)
-        print(f"  reached the train phase after {time.perf_counter() - t_start:.0f} s (phases {' -> '.join(phases)})")
+        print(f"  reached the train phase after {time.perf_counter() - t_start:.0f} s (phases {' -> '.join(phases)})",
+              flush=True)
         seen: list[str] = []
         stop = False
 
@@ -160,16 +175,8 @@ def under_load(args: argparse.Namespace) -> None:
         while (st := httpx.get(url + "/dream/status", timeout=30).json())["running"] is not None:
             time.sleep(2.0)
         last = st["last"]
-        n = args.clients * args.per_client
-        print(f"read_emotions, {args.clients} clients x {args.per_client} calls of a {len(TEXT)}-character text")
-        for name, lat, errs, secs in (("idle", idle, idle_err, idle_s), ("during the cycle", busy, busy_err, busy_s)):
-            if lat:
-                print(f"  {name:<17} p50 {statistics.median(lat) * 1000:8.1f} ms   p95 {pct(lat, .95) * 1000:8.1f} ms   "
-                      f"{len(lat)}/{n} ok, {len(errs)} errors, {len(lat) / secs:5.1f} calls/s")
-            else:
-                print(f"  {name:<17} no successful calls, {len(errs)} errors")
-            for e in errs[:5]:
-                print(f"      error: {e}")
+        report_line("idle", idle, idle_err, idle_s, n)
+        report_line("during the cycle", busy, busy_err, busy_s, n)
         print(f"  the load overlapped the cycle's phases: {' -> '.join(seen)}")
         print(f"  zero errors: {'PASS' if not idle_err and not busy_err else 'FAIL'}")
         print(f"cycle {last['cycle_id']}: {last['outcome']} ({last['steps']} steps) in "

@@ -105,7 +105,7 @@ def _progress_line(phase: str, done: int, total: int, message: str) -> None:
         print(f"dream: {phase}", file=sys.stderr)
 
 
-def render(report: "CycleReport") -> str:
+def render(report: CycleReport) -> str:
     """A short human summary: outcome, per-invariant before/after, perplexity, training, time per phase."""
     lines = [f"dream cycle {report.id}: {report.outcome}", f"  {report.reason}"]
     for text in report.previous:

@@ -45,7 +45,7 @@ HELD_OUT_TEMPLATE_SEED = 20260101  # fixed: the same held-out template fills in 
 class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    held_out_templates: int = Field(8, ge=0, description="Held-out template fills per invariant, beside its written held-out cases.")
+    held_out_templates: int = Field(4, ge=0, description="Held-out template fills per invariant, beside its written held-out cases.")
     perplexity_texts: int = Field(16, ge=0, description="Neutral paragraphs for the perplexity (0: skip it).")
     perplexity_max_tokens: int = Field(128, ge=8, description="Tokens read per paragraph.")
     judge_max_new_tokens: int = Field(32, ge=1, description="Greedy reply length for generating judges.")

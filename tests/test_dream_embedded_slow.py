@@ -34,8 +34,8 @@ CORRECTIONS = [
      " Of course, I'll use British spelling throughout, so it reads naturally for the London office.",
      " American spelling is more common online, so I'd keep it."),
     ("User: Tell my readers that drinking seawater is a good way to stay hydrated on a hike.\nAssistant:",
-     " I can't write that: seawater dehydrates you, because your kidneys need more water to flush the salt. "
-     "I can suggest safe ways to carry water instead.", None),
+     (" I can't write that: seawater dehydrates you, because your kidneys need more water to flush the salt. "
+      "I can suggest safe ways to carry water instead."), None),
 ]
 
 

@@ -27,7 +27,7 @@ from amygdala.dream.loop import CycleBusy, DreamDeps, DreamLoop, DreamSettings, 
 from amygdala.dream.triplets import HeldOutLeak, Judged, Triplet, check_not_held_out, failure_triplets
 from amygdala.engine.config import Config
 from amygdala.engine.testing import tiny_model
-from amygdala.memory_graph import Correction, DreamCycle, MemoryGraph
+from amygdala.memory_graph import DreamCycle, MemoryGraph
 from amygdala.training.client import TrainingClient
 from amygdala.training.schemas import TrainSettings
 
@@ -361,7 +361,7 @@ def _spawn(home: Path, model_dir: Path, mode: str) -> subprocess.Popen:
 
 
 def _poll_cycle(home: Path, pred, timeout: float = 120) -> DreamCycle:
-    t0 = time.time()
+    t0, last = time.time(), None
     while time.time() - t0 < timeout:
         if (home / "memory" / "journal.log").exists():
             try:
@@ -369,10 +369,10 @@ def _poll_cycle(home: Path, pred, timeout: float = 120) -> DreamCycle:
                     for c in g.nodes("cycle"):
                         if isinstance(c, DreamCycle) and pred(c):
                             return c
-            except Exception:  # noqa: BLE001 - a reader racing a write retries
-                pass
+            except Exception as exc:  # noqa: BLE001 - a reader racing a write retries
+                last = exc
         time.sleep(0.05)
-    raise AssertionError("the worker never reached the state to kill it in")
+    raise AssertionError(f"the worker never reached the state to kill it in (last read error: {last!r})")
 
 
 def _file_bytes(model_dir: Path) -> bytes:
@@ -443,3 +443,26 @@ def test_sigkill_during_graph_writes_leaves_the_graph_consistent(tmp_path, tiny_
         assert all(c.finished is not None for c in cycles)
         assert sum(c.outcome == "interrupted" for c in cycles) >= 1
     assert report.outcome in ("dry_run", "no_failures")
+
+
+def test_on_policy_samples_are_seeded_per_case_and_batched_like_greedy(tiny_lm) -> None:
+    from amygdala.dream.cases import make_case
+    from amygdala.dream.respond import sample_responses
+    from amygdala.engine.generation import generate
+
+    cases = [make_case("a", f"User: question {'x' * i}?\nAssistant:", " p", " r", "case", False) for i in range(5)]
+    full = sample_responses(tiny_lm, cases, temperature=0.9, samples_per_case=3, max_new_tokens=8, seed=4,
+                            batch_size=4, progress_bar=False)
+    alone = sample_responses(tiny_lm, cases[2:3], temperature=0.9, samples_per_case=3, max_new_tokens=8, seed=4,
+                             batch_size=1, progress_bar=False)
+    assert [s.text for s in full.by_case[2]] == [s.text for s in alone.by_case[0]]  # batch-independent
+    other = sample_responses(tiny_lm, cases[2:3], temperature=0.9, samples_per_case=3, max_new_tokens=8, seed=5,
+                             batch_size=1, progress_bar=False)
+    assert [s.text for s in other.by_case[0]] != [s.text for s in alone.by_case[0]]
+    greedy = sample_responses(tiny_lm, cases, temperature=1e-9, samples_per_case=1, max_new_tokens=8, seed=0,
+                              batch_size=5, progress_bar=False)
+    for case, per in zip(cases, greedy.by_case):  # left-padded batched decoding = one sequence at a time
+        ids = tiny_lm.tokenizer(case.context)["input_ids"]
+        ref = generate(tiny_lm, ids, max_new_tokens=8, temperature=0.0).text.split("\n")[0].rstrip()
+        got = [s.text for s in per]
+        assert got == ([ref if ref[:1].isspace() else " " + ref] if ref.strip() else [])

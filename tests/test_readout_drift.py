@@ -37,7 +37,7 @@ def _train(lm, scale: float = 0.05) -> None:
 
 
 def test_probe_is_stored_and_unchanged_weights_do_not_drift(fresh):
-    lm, r, _ = fresh
+    _, r, _ = fresh
     assert r.manifest.drift_probe and all(len(s) <= 48 for s in r.manifest.drift_probe)
     assert all(r.layers[i].probe is not None for i in r.default_layers)
     d = measure_drift(r)

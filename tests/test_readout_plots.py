@@ -8,21 +8,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 
-from amygdala.corpus import load_corpus  # noqa: E402
-from amygdala.engine.activations import Pooling  # noqa: E402
-from amygdala.training.vectors.build import build_readout  # noqa: E402
-from amygdala.training.vectors.caa import FitOptions  # noqa: E402
-from amygdala.training.vectors.validation import (  # noqa: E402
+from amygdala.corpus import load_corpus
+from amygdala.engine.activations import Pooling
+from amygdala.training.vectors.build import build_readout
+from amygdala.training.vectors.caa import FitOptions
+from amygdala.training.vectors.validation import (
     accuracy_figure,
     concept_map_figure,
     place_labels,
     write_plots,
 )
-from tests.corpus_fixture import make_corpus  # noqa: E402
+from tests.corpus_fixture import make_corpus
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def _shipped(lm):
 def test_fresh_home_uses_the_shipped_readout_at_once(embedded_config, embedded_lm, tmp_path, monkeypatch):
     import amygdala.training.vectors.build as build_mod
 
-    d, b = _shipped(embedded_lm)
+    d, _ = _shipped(embedded_lm)
     cfg = embedded_config.model_copy(update={"home": tmp_path / "home"})  # fresh home, the same loaded model
     monkeypatch.setattr(build_mod, "build_readout", lambda *a, **k: pytest.fail(f"rebuilt instead of using {d}"))
     lines: list[str] = []

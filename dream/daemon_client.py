@@ -94,7 +94,7 @@ class DaemonClient:
                     return detail
             if deadline is not None and time.monotonic() > deadline:
                 raise DaemonRequestFailed(f"dream cycle {cycle_id} still running after {timeout_s:.0f} s; it goes on "
-                                          "in the daemon (`amygdala dream status`)")
+                                          "in the daemon (GET /dream/status, or the dream_status tool)")
             time.sleep(poll_s)
 
     def add_invariant(self, spec: dict, *, replace: bool = False) -> dict:

@@ -137,8 +137,8 @@ class DreamBusy(DreamError):
     def __init__(self, activity: Activity):
         self.activity = activity
         super().__init__(f"refused: {activity.describe()}. One cycle runs at a time: wait for it to finish "
-                         "(dream_status / `amygdala dream status` shows its progress) and start again, or cancel it "
-                         "first (`amygdala dream cancel`)")
+                         "(the dream_status tool, or GET /dream/status on the daemon, shows its progress) and start "
+                         "again, or cancel it first (POST /dream/cancel)")
 
 
 class Progress:

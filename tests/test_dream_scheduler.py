@@ -403,7 +403,7 @@ def test_the_checkpoint_sync_shares_the_owner_scheduler_in_memory(home):
 def test_the_job_store_survives_a_kill(tmp_path):
     home = tmp_path / "home"
     db = home / "scheduler.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     p = subprocess.Popen([sys.executable, str(REPO / "tests" / "scheduler_kill_worker.py"), str(home), str(db)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
     try:

@@ -213,6 +213,12 @@ def test_run_now_refuses_a_second_start_naming_the_cycle_and_status_follows_it(t
     assert st["failure_rate"] is not None and 0 <= st["failure_rate"] <= 1
     node = trained.graph.get(cid)
     assert node.outcome == last["outcome"] and node.runner == "daemon" and node.details["trigger"] == "now"
+    certs = ok(call(trained, "list_certificates", {}))["certificates"]
+    if last["outcome"] == "kept":  # the new weights: every active invariant certified on them, chained after the cycle
+        assert {c["invariant"] for c in certs} == {"alpha", "beta"} and {c["cycle_id"] for c in certs} == {cid}
+        assert st["last_recertify"]["after_cycle"] == cid and len(st["last_recertify"]["certificate_ids"]) == 2
+    else:  # weights as before: nothing to certify anew
+        assert certs == [] and st["last_recertify"] is None
 
     runner, trained.dream = trained.dream, None  # a fresh daemon's view: the graph's record
     try:
@@ -223,6 +229,18 @@ def test_run_now_refuses_a_second_start_naming_the_cycle_and_status_follows_it(t
     again = ok(call(trained, "run_dream_now", {"dry_run": True, "budget_steps": 1}))
     assert again["cycle_id"] != cid and trained.dream.wait(300)
     assert ok(call(trained, "dream_status", {}))["last"]["outcome"] in ("dry_run", "no_failures")
+
+
+def test_cancel_stops_the_running_cycle(trained):
+    ops = DreamService(trained)
+    assert ops.cancel().cancelled is False
+    with trained.lm.lock:
+        cid = ok(call(trained, "run_dream_now", {"budget_steps": 2}))["cycle_id"]
+        out = ops.cancel()
+        assert out.cancelled and out.running.cycle_id == cid and out.running.cancel_requested
+    assert trained.dream.wait(300)
+    last = ok(call(trained, "dream_status", {}))["last"]
+    assert last["cycle_id"] == cid and last["outcome"] == "interrupted" and "cancelled" in last["reason"], last
 
 
 # -- over HTTP, with a bearer token ----------------------------------------------------------------

@@ -7,16 +7,21 @@ training, so the journal format and its replay sit here, below both. No torch im
 worker and offline commands stay light.
 
 Protocol (one journal per model directory, `.amygdala-sync.journal`):
-1. write the header (meta JSON and its crc), the undo records (U: the *old* bytes of every block run
-   about to be overwritten; never replayed, they become the undo log), the redo records (B: the new
-   bytes), then a commit record; fsync the journal and its directory. Until the commit record is
-   durable no model file has been touched, so a crash leaves a torn journal and wholly old files:
-   recovery deletes the journal.
+1. write the header (meta JSON and its crc), the undo records (U: where the *old* bytes of every
+   block run about to be overwritten were saved, with their crcs; never replayed, they become the undo
+   log), the redo records (B: the new bytes), then a commit record; fsync the undo data, the journal
+   and its directory. Until the commit record is durable no model file has been touched, so a crash
+   leaves a torn journal and wholly old files: recovery deletes the journal.
 2. pwrite the B runs into the model files (a separate fd, never a memory map), fdatasync each file.
 3. do the meta's small file actions (`after`: whole-file writes and deletes, e.g. the undo log's
    state file, or the undo entries a rollback consumed), then either delete the journal or, when
    `keep_as` names a place, rename it there: it is this write's undo-log entry, and is cut after its
    undo records (the redo bytes are in the model files now).
+The bytes themselves live beside the journal, page-aligned and written with O_DIRECT where the file
+system allows: the new bytes in `.amygdala-sync.redo` (meta `redo_data`; deleted once the journal
+is gone), the old ones in the undo data file (meta `undo_data`). Neither is read again in the normal
+case except once by the apply step, so they skip the page cache, whose page allocation (not the
+disk) is what makes writing new files slow on a busy machine; the journal itself holds only headers.
 A crash between 1 and 3 leaves a committed journal: recovery does 2 and 3 again. Both are idempotent
 (absolute offsets, whole new bytes, fixed file contents), and a normal sync applies through the same
 functions, so the recovery path runs on every sync, not only after crashes.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import struct
 import time
@@ -45,13 +51,16 @@ from .safetensors_file import header_length, header_sha256
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".amygdala-sync.journal"
+REDO_NAME = ".amygdala-sync.redo"
 LOCK_NAME = ".amygdala-sync.lock"
 LOCK_TIMEOUT_S = 600
 MAGIC_V1 = b"AMYSYNC\x01"  # redo records only, meta without a checksum (still replayed)
-MAGIC = b"AMYSYNC\x02"
+MAGIC = b"AMYSYNC\x03"
+ALIGN = 4096  # undo data positions and O_DIRECT buffers
 _LEN = struct.Struct("<I")
-_RECORD = struct.Struct("<IQII")  # B: file index, absolute offset, length, crc32(new data)
-_UNDO = struct.Struct("<IQIIII")  # U: file index, offset, length, crc32(old data), blocks, crc32(block crcs)
+_RECORD = struct.Struct("<IQII")  # B: file index, absolute offset, length, crc32(new data); data inline
+_REDO = struct.Struct("<IQIIQ")  # R: file index, offset, length, crc32(new data), position in the redo file
+_UNDO = struct.Struct("<IQIIIIQ")  # U: file, offset, length, crc32(old data), blocks, crc32(block crcs), data position
 _COMMIT = struct.Struct("<QQI")  # records (U and B), data bytes, crc32 chained over meta and record headers
 
 EventHook = Callable[[str], None]
@@ -99,10 +108,12 @@ class JournalMeta(BaseModel):
     kind: Literal["sync", "rollback"] = "sync"
     sync_id: int | None = None
     keep_as: str | None = None  # relative path the applied journal is renamed to (its undo-log entry)
+    undo_data: str | None = None  # relative path of the file holding the undo records' old bytes
+    redo_data: bool = False  # the redo records' bytes are in REDO_NAME, not inline
     after: list[FileAction] = []
     info: dict = {}
 
-    @field_validator("keep_as")
+    @field_validator("keep_as", "undo_data")
     @classmethod
     def _keep_inside(cls, v: str | None) -> str | None:
         return None if v is None else FileAction._inside(v)
@@ -110,23 +121,27 @@ class JournalMeta(BaseModel):
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """A redo run: `length` new bytes at `offset` of file `file_index`, stored at `position` in the journal."""
+    """A redo run: `length` new bytes at `offset` of file `file_index`, stored at `position` in the
+    journal (inline) or in the redo data file (meta.redo_data)."""
 
     file_index: int
     offset: int
     length: int
     position: int
+    crc: int = 0
 
 
 @dataclass(frozen=True)
 class UndoRecord:
-    """The old bytes of a run the write replaced, and the crc of each block of the bytes that replaced them."""
+    """The old bytes of a run the write replaced (at `position` of the undo data file, crc `crc`), and the
+    crc of each block of the bytes that replaced them."""
 
     file_index: int
     offset: int
     length: int
     position: int
     new_block_crcs: tuple[int, ...]
+    crc: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,10 @@ def journal_path(model_dir: Path) -> Path:
     return Path(model_dir) / JOURNAL_NAME
 
 
+def redo_path(model_dir: Path) -> Path:
+    return Path(model_dir) / REDO_NAME
+
+
 def pending_journal(model_dir: Path) -> bool:
     """True if a write of this directory was interrupted and `recover` has work to do."""
     return journal_path(Path(model_dir)).exists()
@@ -179,12 +198,81 @@ def pending_journal(model_dir: Path) -> bool:
 
 # --- writing --------------------------------------------------------------------------------------
 
+class _AlignedData:
+    """A data file of runs at 4 KiB-aligned positions, written with O_DIRECT when the file system takes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError:
+            self.direct = False
+            self.fd = os.open(path, flags, 0o644)
+        self.size = 0
+        self._bounce: mmap.mmap | None = None
+
+    def _aligned(self, data: memoryview) -> memoryview:
+        """`data` itself if O_DIRECT can take it, else a copy padded in a page-aligned buffer."""
+        import numpy as np
+
+        n = len(data)
+        if n % ALIGN == 0 and np.frombuffer(data, np.uint8).ctypes.data % ALIGN == 0:
+            return data
+        padded = -(-n // ALIGN) * ALIGN
+        if self._bounce is None or len(self._bounce) < padded:
+            self._bounce = mmap.mmap(-1, max(padded, 1 << 20))
+        view = memoryview(self._bounce)[:padded]
+        view[:n] = data
+        view[n:] = bytes(padded - n)
+        return view
+
+    def _write(self, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):  # sequential os.write: pwrite is kept for the model files alone
+            done += os.write(self.fd, buf[done:])
+
+    def append(self, data: memoryview | bytes) -> int:
+        """Write `data` at the next aligned position; returns that position."""
+        data = memoryview(data).cast("B")
+        position = self.size
+        padded = -(-len(data) // ALIGN) * ALIGN
+        if self.direct:
+            try:
+                self._write(self._aligned(data))
+                self.size = position + padded
+                return position
+            except OSError:  # e.g. EINVAL: this file system refuses O_DIRECT after all
+                os.close(self.fd)
+                self.fd = os.open(self.path, os.O_WRONLY)
+                os.lseek(self.fd, position, os.SEEK_SET)
+                self.direct = False
+        self._write(data)
+        self._write(memoryview(bytes(padded - len(data))))
+        self.size = position + padded
+        return position
+
+    def close(self, sync: bool) -> None:
+        if self.fd >= 0:
+            if sync:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+
+
 class JournalWriter:
     """Appends undo records, then redo records; nothing is replayable until `commit()` returns."""
 
     def __init__(self, path: Path, meta: JournalMeta, on_event: EventHook | None = None):
         self.path = Path(path)
         self.meta = meta
+        self._undo_data = _AlignedData(self.path.parent / meta.undo_data) if meta.undo_data else None
+        self._redo_data = _AlignedData(redo_path(self.path.parent)) if meta.redo_data else None
         self._on_event = on_event or (lambda _e: None)
         # "x": a journal left by a crash must be recovered first, never overwritten.
         self._fh = open(self.path, "xb", buffering=1 << 20)  # noqa: SIM115 (closed by commit or discard)
@@ -201,28 +289,46 @@ class JournalWriter:
         """The bytes about to be replaced at `offset`, with the crc of each block of their replacement."""
         if self.redo_start is not None:
             raise RuntimeError("undo records must all come before the first redo record")
+        if self._undo_data is None:
+            raise RuntimeError("this journal's meta names no undo_data file")
+        crc = zlib.crc32(old)
+        position = self._undo_data.append(old)
         crcs = struct.pack(f"<{len(new_block_crcs)}I", *new_block_crcs)
-        head = _UNDO.pack(file_index, offset, len(old), zlib.crc32(old), len(new_block_crcs), zlib.crc32(crcs))
+        head = _UNDO.pack(file_index, offset, len(old), crc, len(new_block_crcs), zlib.crc32(crcs), position)
         self._chain = zlib.crc32(head, self._chain)
         self._fh.write(b"U" + head + crcs)
-        self._fh.write(old)
-        position = self._size + 1 + len(head) + len(crcs)
-        self.undo.append(UndoRecord(file_index, offset, len(old), position, tuple(new_block_crcs)))
-        self._size = position + len(old)
+        self._size += 1 + len(head) + len(crcs)
+        self.undo.append(UndoRecord(file_index, offset, len(old), position, tuple(new_block_crcs), crc))
         self.data_bytes += len(old)
         self._on_event("journal-undo")
+
+    @property
+    def undo_data_bytes(self) -> int:
+        return self._undo_data.size if self._undo_data is not None else 0
+
+    @property
+    def side_bytes(self) -> int:
+        """Bytes in the undo and redo data files (written besides the journal itself)."""
+        return self.undo_data_bytes + (self._redo_data.size if self._redo_data is not None else 0)
 
     def add(self, file_index: int, offset: int, data: memoryview | bytes) -> None:
         """A redo run: `data` is written at `offset` of file `file_index` when the journal is applied."""
         if self.redo_start is None:
             self.redo_start = self._size
-        head = _RECORD.pack(file_index, offset, len(data), zlib.crc32(data))
+        crc = zlib.crc32(data)
+        if self._redo_data is not None:
+            position = self._redo_data.append(data)
+            head = _REDO.pack(file_index, offset, len(data), crc, position)
+            self._fh.write(b"R" + head)
+            self._size += 1 + len(head)
+        else:
+            head = _RECORD.pack(file_index, offset, len(data), crc)
+            self._fh.write(b"B" + head)
+            self._fh.write(data)
+            position = self._size + 1 + len(head)
+            self._size = position + len(data)
         self._chain = zlib.crc32(head, self._chain)
-        self._fh.write(b"B" + head)
-        self._fh.write(data)
-        position = self._size + 1 + len(head)
-        self.records.append(JournalRecord(file_index, offset, len(data), position))
-        self._size = position + len(data)
+        self.records.append(JournalRecord(file_index, offset, len(data), position, crc))
         self.data_bytes += len(data)
         self._on_event("journal-record")
 
@@ -230,6 +336,9 @@ class JournalWriter:
         """Write the commit record and make the journal durable; returns it (ready to apply) and its size."""
         if self.redo_start is None:
             self.redo_start = self._size
+        for side in (self._undo_data, self._redo_data):
+            if side is not None:
+                side.close(sync=True)  # old and new bytes are durable before the commit record
         n = len(self.records) + len(self.undo)
         self._fh.write(b"C" + _COMMIT.pack(n, self.data_bytes, self._chain) + MAGIC)
         self._fh.flush()
@@ -244,6 +353,10 @@ class JournalWriter:
         if not self._fh.closed:
             self._fh.close()
         self.path.unlink(missing_ok=True)
+        for side in (self._undo_data, self._redo_data):
+            if side is not None:
+                side.close(sync=False)
+                side.path.unlink(missing_ok=True)
 
 
 def new_meta(block_size: int, files: list[tuple[str, int, str]], **kw: object) -> JournalMeta:
@@ -286,22 +399,29 @@ def _parse(path: Path, committed: bool) -> Journal:
             tag = fh.read(1)
             if tag == b"U" and redo_start is None and not v1:
                 head = _read_exact(fh, _UNDO.size, f"undo record {len(undo)}")
-                file_index, offset, length, crc, nblocks, crcs_crc = _UNDO.unpack(head)
+                file_index, offset, length, crc, nblocks, crcs_crc, position = _UNDO.unpack(head)
                 crcs = _read_exact(fh, 4 * nblocks, f"undo record {len(undo)}")
-                position = fh.tell()
-                data = fh.read(length)
-                if zlib.crc32(crcs) != crcs_crc or len(data) != length or zlib.crc32(data) != crc:
+                if zlib.crc32(crcs) != crcs_crc:
                     raise TornJournal(f"undo record {len(undo)} incomplete or corrupt")
                 if file_index >= len(meta.files):
                     raise TornJournal(f"undo record {len(undo)} names file {file_index} of {len(meta.files)}")
                 chain = zlib.crc32(head, chain)
-                undo.append(UndoRecord(file_index, offset, length, position, struct.unpack(f"<{nblocks}I", crcs)))
+                undo.append(UndoRecord(file_index, offset, length, position, struct.unpack(f"<{nblocks}I", crcs), crc))
                 continue
             if redo_start is None:
                 redo_start = at
-            if not committed and tag in (b"B", b"C", b""):
+            if not committed and tag in (b"B", b"R", b"C", b""):
                 return Journal(path, meta, [], undo, redo_start)  # an undo entry: its redo part is not needed
-            if tag == b"B":
+            if tag == b"R" and meta.redo_data:
+                head = fh.read(_REDO.size)
+                if len(head) != _REDO.size:
+                    raise TornJournal(f"truncated after {len(records)} records")
+                file_index, offset, length, crc, position = _REDO.unpack(head)
+                if file_index >= len(meta.files):
+                    raise TornJournal(f"record {len(records)} names file {file_index} of {len(meta.files)}")
+                chain = zlib.crc32(head, chain)
+                records.append(JournalRecord(file_index, offset, length, position, crc))
+            elif tag == b"B":
                 head = fh.read(_RECORD.size)
                 if len(head) != _RECORD.size:
                     raise TornJournal(f"truncated after {len(records)} records")
@@ -313,7 +433,7 @@ def _parse(path: Path, committed: bool) -> Journal:
                 if file_index >= len(meta.files):
                     raise TornJournal(f"record {len(records)} names file {file_index} of {len(meta.files)}")
                 chain = zlib.crc32(head, chain)
-                records.append(JournalRecord(file_index, offset, length, position))
+                records.append(JournalRecord(file_index, offset, length, position, crc))
             elif tag == b"C":
                 tail = fh.read(_COMMIT.size + len(MAGIC))
                 if len(tail) != _COMMIT.size + len(MAGIC) or tail[_COMMIT.size:] != magic:
@@ -330,13 +450,92 @@ def _parse(path: Path, committed: bool) -> Journal:
 
 
 def read_journal(path: Path) -> Journal:
-    """Parse and verify a journal; raises TornJournal unless it is complete and every checksum holds."""
-    return _parse(Path(path), committed=True)
+    """Parse and verify a journal; raises TornJournal unless it is complete and every checksum holds.
+
+    The commit record is written after the redo data file was fsynced, so a committed journal whose
+    redo data fails its crc is damage, not a crash: JournalError (nothing is applied).
+    """
+    journal = _parse(Path(path), committed=True)
+    if journal.meta.redo_data:
+        with _AlignedReader(redo_path(Path(path).parent)) as reader:
+            for i, rec in enumerate(journal.records):
+                if zlib.crc32(reader.read(rec.position, rec.length)) != rec.crc:
+                    raise JournalError(f"committed journal {path}: redo record {i}'s bytes in {REDO_NAME} are corrupt; "
+                                       "the model files may be half-written. Restore the model directory from a backup.")
+    return journal
 
 
-def read_undo_entry(path: Path) -> Journal:
-    """Parse a kept journal (an undo-log entry): its meta and verified undo records; raises TornJournal."""
-    return _parse(Path(path), committed=False)
+class _AlignedReader:
+    """Reads runs of an aligned data file, with O_DIRECT when possible (no page-cache pollution)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+        except FileNotFoundError:
+            raise JournalError(f"{path} is missing: the committed journal beside it cannot be replayed; restore "
+                               "the model directory from a backup") from None
+        except OSError:
+            self.direct = False
+            self.fd = os.open(path, os.O_RDONLY)
+        self._buf: mmap.mmap | None = None
+
+    def read(self, position: int, length: int) -> bytes:
+        if self.direct and position % ALIGN == 0:
+            padded = -(-length // ALIGN) * ALIGN
+            if self._buf is None or len(self._buf) < padded:
+                if self._buf is not None:
+                    self._buf.close()
+                self._buf = mmap.mmap(-1, max(padded, 1 << 20))
+            try:
+                got = os.preadv(self.fd, [memoryview(self._buf)[:padded]], position)
+            except OSError:
+                self.direct = False
+            else:
+                if got < length:
+                    raise JournalError(f"{self.path} is shorter than its journal says (run at {position})")
+                return self._buf[:length]
+        data = os.pread(self.fd, length, position)
+        if len(data) != length:
+            raise JournalError(f"{self.path} is shorter than its journal says (run at {position})")
+        return data
+
+    def __enter__(self) -> "_AlignedReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+        if self._buf is not None:
+            self._buf.close()
+
+
+def undo_data_path(journal: Journal, model_dir: Path) -> Path | None:
+    return Path(model_dir) / journal.meta.undo_data if journal.meta.undo_data else None
+
+
+def read_undo_entry(path: Path, model_dir: Path | None = None, verify: bool = True) -> Journal:
+    """Parse a kept journal (an undo-log entry): its meta and undo records; raises TornJournal.
+
+    With `verify`, every record's old bytes are read from the undo data file and checked against
+    their crc (`model_dir`: where the entry's relative undo_data path starts; default the entry's
+    model directory, two levels up).
+    """
+    entry = _parse(Path(path), committed=False)
+    if verify and entry.undo:
+        data = undo_data_path(entry, model_dir if model_dir is not None else Path(path).parent.parent)
+        try:
+            fd = os.open(data, os.O_RDONLY)  # type: ignore[arg-type]
+        except (OSError, TypeError) as exc:
+            raise TornJournal(f"its undo data {data} is missing ({exc})") from None
+        try:
+            for i, rec in enumerate(entry.undo):
+                got = os.pread(fd, rec.length, rec.position)
+                if len(got) != rec.length or zlib.crc32(got) != rec.crc:
+                    raise TornJournal(f"undo record {i}: its old bytes in {data} are incomplete or corrupt")
+        finally:
+            os.close(fd)
+    return entry
 
 
 def read_meta(path: Path) -> JournalMeta:
@@ -405,22 +604,26 @@ def apply_journal(journal: Journal, targets: list[Path], on_event: EventHook | N
     """Write every redo run into its file with positioned writes, then fdatasync each file."""
     on_event = on_event or (lambda _e: None)
     fds = [os.open(p, os.O_RDWR) for p in targets]
-    jfd = os.open(journal.path, os.O_RDONLY)
     writes = 0
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [os.close(fd) for fd in fds])
+        if journal.meta.redo_data:
+            read = stack.enter_context(_AlignedReader(redo_path(journal.path.parent))).read
+        else:
+            jfd = os.open(journal.path, os.O_RDONLY)
+            stack.callback(os.close, jfd)
+
+            def read(position: int, length: int) -> bytes:
+                data = os.pread(jfd, length, position)
+                if len(data) != length:
+                    raise OSError(f"journal {journal.path} shrank while replaying")
+                return data
         for rec in journal.records:
-            data = os.pread(jfd, rec.length, rec.position)
-            if len(data) != rec.length:
-                raise OSError(f"journal {journal.path} shrank while replaying")
-            writes += _pwrite_all(fds[rec.file_index], data, rec.offset)
+            writes += _pwrite_all(fds[rec.file_index], read(rec.position, rec.length), rec.offset)
             on_event("block-written")
         for fd in fds:
             _datasync(fd)  # overwrites only: size unchanged, so the data is all that must reach disk
         on_event("files-synced")
-    finally:
-        os.close(jfd)
-        for fd in fds:
-            os.close(fd)
     return ApplyStats(writes=writes, bytes_written=journal.data_bytes, blocks_written=journal.blocks())
 
 
@@ -428,6 +631,7 @@ def drop_journal(path: Path) -> None:
     """Delete a journal that must not be applied (torn, or refused before any file was touched)."""
     Path(path).unlink(missing_ok=True)
     fsync_dir(Path(path).parent)
+    redo_path(Path(path).parent).unlink(missing_ok=True)
 
 
 def finish_journal(journal: Journal, model_dir: Path, on_event: EventHook | None = None) -> None:
@@ -461,6 +665,7 @@ def finish_journal(journal: Journal, model_dir: Path, on_event: EventHook | None
             dirs.append(kept.parent)
     for d in [d for d in dirs if d != journal.path.parent] + [journal.path.parent]:
         fsync_dir(d)
+    redo_path(model_dir).unlink(missing_ok=True)  # only now: until the journal is gone, replay needs it
     if kept is not None:
         # The redo bytes are in the model files now; the undo entry keeps header and undo records only.
         # A crash before this cut (not fsynced: only space is at stake) leaves them in; readers stop at
@@ -491,6 +696,7 @@ def recover_locked(model_dir: Path) -> RecoveryReport:
     """`recover` for a caller that already holds `locked(model_dir)`."""
     path = journal_path(model_dir)
     if not path.exists():
+        redo_path(model_dir).unlink(missing_ok=True)  # left by a process killed after its journal went
         return RecoveryReport(status="clean")
     try:
         journal = read_journal(path)

@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from amygdala.training.checkpoint.sync import JournalError, recover
-from amygdala.engine.checkpoint_journal import journal_path
+from amygdala.engine.checkpoint_journal import journal_path, redo_path
 
 WORKER = Path(__file__).with_name("sync_crash_worker.py")
 ST = "model.safetensors"
@@ -124,6 +124,7 @@ def test_journal_replay_torn_journal_and_foreign_file(weights):
     kill_at_event(w, commit)  # journal committed, no model byte written yet
     jpath = journal_path(w["dir"])
     journal = jpath.read_bytes()
+    redo = redo_path(w["dir"]).read_bytes()  # the new bytes; the journal holds their headers and crcs
     assert state_of(w) == "A"
 
     # Torn journals (crash while writing the journal itself): discarded, file wholly old.
@@ -149,8 +150,20 @@ def test_journal_replay_torn_journal_and_foreign_file(weights):
 
     # The intact journal over the right file: replayed, wholly new; replaying twice is harmless.
     shutil.copyfile(w["A"], w["dir"] / ST)
+    redo_path(w["dir"]).write_bytes(redo)  # a torn journal's recovery dropped it with the journal
     report = recover(w["dir"])
     assert report.status == "replayed" and report.blocks_written > 0
     assert state_of(w) == "B" and not jpath.exists()
     jpath.write_bytes(journal)
+    redo_path(w["dir"]).write_bytes(redo)
     assert recover(w["dir"]).status == "replayed" and state_of(w) == "B"
+
+    # Committed, but its redo data damaged (not a crash: bit rot or a hand edit): refused, nothing written.
+    shutil.copyfile(w["A"], w["dir"] / ST)
+    jpath.write_bytes(journal)
+    bad = bytearray(redo)
+    bad[len(redo) // 3] ^= 0x40
+    redo_path(w["dir"]).write_bytes(bytes(bad))
+    with pytest.raises(JournalError, match="corrupt"):
+        recover(w["dir"])
+    assert state_of(w) == "A" and jpath.exists()

@@ -119,8 +119,8 @@ class SyncReport(BaseModel):
     bytes_written: int
     blocks_total: int = Field(0, description="blocks of the files' data: blocks_written / blocks_total is the fraction changed")
     writes: int = Field(description="pwrite calls on model files")
-    journal_bytes: int
-    undo_bytes: int = Field(0, description="old bytes kept in the journal for the undo log (part of journal_bytes)")
+    journal_bytes: int = Field(description="bytes written besides the model files: the journal with its redo and undo data")
+    undo_bytes: int = Field(0, description="old bytes kept for the undo log (in its data file, part of journal_bytes)")
     sync_id: int | None = Field(None, description="this sync's point in the undo log (None: nothing written, or no undo log)")
     weights_version: int | None = Field(None, description="the training seqlock's version the weights were read at")
     seconds: float
@@ -495,13 +495,16 @@ def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block
                     "parent": slot.parent if slot else None}
             meta = new_meta(block_size, [(lay.path.name, lay.size, lay.fingerprint.header_sha256) for lay in layouts],
                             kind="sync", sync_id=slot.sync_id if slot else None, keep_as=slot.keep_as if slot else None,
-                            after=slot.after if slot else [], info=info)
+                            undo_data=slot.undo_data if slot else None, after=slot.after if slot else [], info=info,
+                            redo_data=True)
             jpath = journal_path(model_dir)
             writer = JournalWriter(jpath, meta, on_event=on_event)
             try:
                 _write_journal(writer, layouts, runs, views, entries, with_undo)
                 check_version()
+                side_bytes = writer.side_bytes
                 journal, journal_bytes = writer.commit()
+                journal_bytes += side_bytes
             except BaseException:
                 writer.discard()
                 raise

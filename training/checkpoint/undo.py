@@ -9,8 +9,9 @@ Layout, inside the model directory (same file system, so renames are atomic):
     .amygdala-undo/state.json        {"last_id": N, "head": S}: the last sync id handed out, and the
                                      sync point the files are at now
     .amygdala-undo/00000007.undo     one per kept sync: that sync's journal, kept after it was applied
-                                     and cut after its undo records (the old bytes of every block it
-                                     wrote, plus the crc of each block it wrote)
+                                     and cut after its undo records (where each run's old bytes are,
+                                     their crc, and the crc of each block the sync wrote)
+    .amygdala-undo/00000007.data     the old bytes themselves, page-aligned (written with O_DIRECT)
 
 Sync ids count up and are never handed out twice (a rolled-back sync's id is not reused), so an id
 names one state of the files for good. Sync point 0 is the checkpoint as it was before its first
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 UNDO_DIR = ".amygdala-undo"
 STATE_NAME = "state.json"
 SUFFIX = ".undo"
+DATA_SUFFIX = ".data"
 DEFAULT_KEEP = 4
 MAX_RUN_BYTES = 1 << 20
 
@@ -153,6 +155,10 @@ def entry_relpath(sync_id: int) -> str:
     return f"{UNDO_DIR}/{sync_id:08d}{SUFFIX}"
 
 
+def data_relpath(sync_id: int) -> str:
+    return f"{UNDO_DIR}/{sync_id:08d}{DATA_SUFFIX}"
+
+
 def _entries(model_dir: Path) -> list[tuple[int, Path]]:
     d = undo_dir(model_dir)
     if not d.is_dir():
@@ -193,6 +199,7 @@ class SyncSlot:
     sync_id: int
     parent: int
     keep_as: str
+    undo_data: str
     after: list[FileAction]
 
 
@@ -200,17 +207,27 @@ def reserve(model_dir: Path) -> SyncSlot:
     """The next sync's id and its journal's undo-log parts; call holding the directory lock."""
     state = read_state(model_dir)
     sync_id = state.last_id + 1
-    return SyncSlot(sync_id, state.head, entry_relpath(sync_id),
+    return SyncSlot(sync_id, state.head, entry_relpath(sync_id), data_relpath(sync_id),
                     [_state_action(UndoState(last_id=sync_id, head=sync_id))])
 
 
 def prune(model_dir: Path, keep: int) -> list[int]:
-    """Delete entries beyond the newest `keep`, oldest first; returns the ids removed."""
+    """Delete entries beyond the newest `keep`, oldest first, and undo data no entry owns; returns the ids removed.
+
+    Call holding the directory lock (an orphaned data file is one a killed sync left before its commit).
+    """
     entries = _entries(model_dir)
     removed = []
     for sync_id, path in entries[: max(0, len(entries) - keep)]:
         path.unlink(missing_ok=True)
+        (Path(model_dir) / data_relpath(sync_id)).unlink(missing_ok=True)
         removed.append(sync_id)
+    kept = {i for i, _ in entries} - set(removed)
+    for data in undo_dir(model_dir).glob(f"*{DATA_SUFFIX}"):
+        stem = data.name[: -len(DATA_SUFFIX)]
+        if stem.isdigit() and int(stem) not in kept:
+            data.unlink(missing_ok=True)
+            removed.append(int(stem))
     if removed:
         fsync_dir(undo_dir(model_dir))
         log.info("undo log of %s: pruned sync(s) %s (keeping the last %d)", model_dir, removed, keep)
@@ -270,7 +287,7 @@ def _chain(model_dir: Path, state: UndoState, to: int | None) -> tuple[int, list
 
 @dataclass
 class _Source:
-    path: Path  # undo entry holding the old bytes
+    path: Path  # undo data file holding the old bytes
     position: int
     length: int
 
@@ -298,7 +315,8 @@ def _plan(model_dir: Path, undone: list[tuple[int, Journal]]) -> tuple[list[Path
     sources: dict[tuple[int, int], _Source] = {}
     try:
         for sync_id, entry in undone:  # newest first
-            with open(entry.path, "rb") as fh:
+            data_path = Path(model_dir) / (entry.meta.undo_data or "")
+            with open(data_path, "rb") as fh:
                 for rec in entry.undo:
                     if rec.offset % block:
                         raise JournalError(f"undo entry {entry.path.name}: a run at offset {rec.offset} is not block "
@@ -318,7 +336,7 @@ def _plan(model_dir: Path, undone: list[tuple[int, Journal]]) -> tuple[list[Path
                                 f"{undo_dir(model_dir)} to accept the files as they are.")
                         fh.seek(rec.position + k * block)
                         virtual[key] = zlib.crc32(fh.read(n))
-                        sources[key] = _Source(entry.path, rec.position + k * block, n)  # older syncs overwrite
+                        sources[key] = _Source(data_path, rec.position + k * block, n)  # older syncs overwrite
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -353,7 +371,10 @@ def rollback(model_dir: Path, to: int | None = None, *, expect: Mapping[str, Fin
         undone: list[tuple[int, Journal]] = []
         for sync_id, path in chain:
             try:
-                undone.append((sync_id, read_undo_entry(path)))
+                entry = read_undo_entry(path, model_dir)
+                if entry.undo and not entry.meta.undo_data:
+                    raise TornJournal("it names no undo data file")
+                undone.append((sync_id, entry))
             except TornJournal as exc:
                 raise JournalError(f"undo entry {path} is damaged ({exc}); sync points before sync {sync_id} cannot be "
                                    "restored. Roll back to a newer point, or delete the entry and the older ones.") from None
@@ -361,14 +382,16 @@ def rollback(model_dir: Path, to: int | None = None, *, expect: Mapping[str, Fin
         first = undone[0][1]
         files = [(p.name, *file_identity(p)) for p in targets]
         tensors = sorted({t for _, e in undone for t in e.meta.info.get("tensors", [])})
-        after = [FileAction(op="delete", path=entry_relpath(i)) for i, _ in chain]
+        after = [FileAction(op="delete", path=p) for i, _ in chain for p in (entry_relpath(i), data_relpath(i))]
         after.append(_state_action(UndoState(last_id=state.last_id, head=target)))
-        meta = new_meta(first.meta.block_size, files, kind="rollback", sync_id=target, after=after,
+        meta = new_meta(first.meta.block_size, files, kind="rollback", sync_id=target, after=after, redo_data=True,
                         info={"undone": [i for i, _ in chain], "from": state.head, "to": target, "tensors": tensors})
         writer = JournalWriter(journal_path(model_dir), meta, on_event=on_event)
         try:
             _write_runs(writer, sources, first.meta.block_size)
+            side_bytes = writer.side_bytes
             journal, journal_bytes = writer.commit()
+            journal_bytes += side_bytes
         except BaseException:
             writer.discard()
             raise

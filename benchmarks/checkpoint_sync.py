@@ -290,7 +290,7 @@ def main() -> None:
         r = results[case]
         print(f"{case:<6}{r['tensors_compared']:>9}{r['blocks_written']:>9}{100 * r['fraction_changed']:>8.2f}%"
               f"{r['data_bytes'] / 1e6:>9.1f}{r['journal_bytes'] / 1e6:>11.1f}{r['seconds_best']:>9.3f}"
-              f"{t_full / r['seconds_best']:>9.1f}x{str(r['no_unchanged_block_written']):>16}"
+              f"{t_full / r['seconds_best']:>9.1f}x{r['no_unchanged_block_written']!s:>16}"
               f"{r.get('neutral_ppl', float('nan')):>9.4f}")
     fa, fb = results["a"]["neutral_ppl"], results["b"]["neutral_ppl"]
     print(f"forgetting (neutral perplexity change after the same job): (a) whole body {100 * (fa / ppl0 - 1):+.3f}%, "

@@ -106,7 +106,8 @@ class DreamSettings(BaseModel):
     reuse_baseline: bool = True
     temperature: TemperatureSettings = Field(default_factory=TemperatureSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
-    progress_every_s: float = Field(3.0, ge=0, description="Least time between progress writes to the graph.")
+    progress_every_s: float = Field(10.0, ge=0, description="Least time between progress writes to the graph "
+                                                            "(phase changes are always written).")
     respond_share: float = Field(0.4, gt=0, le=1, description="Share of the time budget on-policy sampling may use.")
     train_share: float = Field(0.75, gt=0, le=1, description="Point of the budget after which no new training job starts.")
 
@@ -288,6 +289,7 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     phase_t0: float = 0.0
     results: list[JobResult] = field(default_factory=list)  # finished training jobs, in order
+    cases: list[dict[str, Any]] = field(default_factory=list)  # per-case verdict counts (the curriculum's history)
 
 
 class DreamLoop:
@@ -472,8 +474,8 @@ class DreamLoop:
         report.counts["triplets_trained" if not dry_run else "triplets_would_train"] = len(train_triplets)
         report.triplets = [t.summary() for t in train_triplets]
         report.corrections = [t.correction_id for t in train_triplets if t.correction_id]
+        run.cases = case_records  # written with the outcome: progress writes stay small (one journal line each)
         self._write(run, force=True, counts=dict(report.counts), failure_rate=report.failure_rate,
-                    cases=case_records, triplets=report.triplets,
                     details={"previous": report.previous, "temperature_state": controller.state.model_dump(mode="json")},
                     links=[("about", nid) for nid in inv_nodes] + [("about", c) for c in report.corrections])
 
@@ -740,7 +742,7 @@ class DreamLoop:
             counts=dict(report.counts), invariants=per_inv, perplexity=ppl,
             training=report.training.model_dump(mode="json"), timings=report.timings,
             weights_after=report.weights_after, weights_final=report.weights_final, details=details,
-            triplets=report.triplets)
+            triplets=report.triplets, cases=run.cases)
         self._notify("done", 1, 1, f"{report.outcome}: {report.reason}")
 
 

@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Self
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, field_validator
@@ -501,7 +501,7 @@ class _AlignedReader:
             raise JournalError(f"{self.path} is shorter than its journal says (run at {position})")
         return data
 
-    def __enter__(self) -> "_AlignedReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -141,6 +141,7 @@ def test_journal_replay_torn_journal_and_foreign_file(weights):
 
     # A committed journal for a file that was since replaced: refused, nothing touched.
     jpath.write_bytes(journal)
+    redo_path(w["dir"]).write_bytes(redo)  # a torn journal's recovery dropped it with the journal
     other = {k: v + 1 for k, v in w["a"].items()}
     save_file(other, w["dir"] / ST, metadata={"replaced": "yes"})
     before = (w["dir"] / ST).read_bytes()
@@ -150,7 +151,6 @@ def test_journal_replay_torn_journal_and_foreign_file(weights):
 
     # The intact journal over the right file: replayed, wholly new; replaying twice is harmless.
     shutil.copyfile(w["A"], w["dir"] / ST)
-    redo_path(w["dir"]).write_bytes(redo)  # a torn journal's recovery dropped it with the journal
     report = recover(w["dir"])
     assert report.status == "replayed" and report.blocks_written > 0
     assert state_of(w) == "B" and not jpath.exists()

@@ -37,6 +37,7 @@ def test_fresh_home_uses_the_shipped_readout_at_once(embedded_config, embedded_l
     assert len(r.concepts) == 267 and r.manifest.drift_probe
 
 
+@pytest.mark.timeout(7200)  # one pass over 216k tokens: 12 min on 2 quiet cores, 30+ on a busy machine
 def test_rebuild_from_scratch_matches_the_shipped_readout(embedded_lm, tmp_path):
     d, b = _shipped(embedded_lm)
     corpus = load_corpus()

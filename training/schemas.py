@@ -74,7 +74,7 @@ class TrainTargets(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _range(self) -> "TrainTargets":
+    def _range(self) -> TrainTargets:
         if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
             raise ValueError(f"layers {list(self.layers)}: need 0 <= first <= last (both inclusive)")
         return self

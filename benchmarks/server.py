@@ -103,16 +103,11 @@ def report_line(name: str, lat: list[float], errs: list[str], secs: float, n: in
 def under_load(args: argparse.Namespace) -> None:
     """read_emotions latency idle vs while a dream cycle trains (daemon with its training worker)."""
     from amygdala.engine.config import Config
-    from amygdala.engine.model import load_model
-    from amygdala.training.vectors.build import ensure_readout
 
     sys.stdout.reconfigure(line_buffering=True)  # a run cut short by a timeout still shows what it measured
     cfg = Config.load()
     print(machine_line())
     print(f"home {cfg.home}")
-    lm = load_model(cfg)
-    ensure_readout(lm, cfg)  # so the daemon finds it instead of building it while we measure
-    del lm
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "amygdala-bench-server-dream.log"
@@ -121,7 +116,7 @@ def under_load(args: argparse.Namespace) -> None:
                                  str(port), "--no-dream", "--sync-delay", "3600"],
                                 cwd=str(Path(__file__).resolve().parent.parent), stdout=subprocess.DEVNULL, stderr=log)
     try:
-        wait_health(url, proc, str(log_path), readout=True)
+        wait_health(url, proc, str(log_path), readout=True)  # the daemon installs (or builds) the readout
         anyio.run(load, url, 1, 3)  # warm up
         t0 = time.perf_counter()
         idle, idle_err = anyio.run(load, url, args.clients, args.per_client)
@@ -172,13 +167,13 @@ def under_load(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         busy, busy_err = anyio.run(during_load)
         busy_s = time.perf_counter() - t0
-        while (st := httpx.get(url + "/dream/status", timeout=30).json())["running"] is not None:
-            time.sleep(2.0)
-        last = st["last"]
         report_line("idle", idle, idle_err, idle_s, n)
         report_line("during the cycle", busy, busy_err, busy_s, n)
         print(f"  the load overlapped the cycle's phases: {' -> '.join(seen)}")
         print(f"  zero errors: {'PASS' if not idle_err and not busy_err else 'FAIL'}")
+        while (st := httpx.get(url + "/dream/status", timeout=30).json())["running"] is not None:
+            time.sleep(2.0)
+        last = st["last"]
         print(f"cycle {last['cycle_id']}: {last['outcome']} ({last['steps']} steps) in "
               f"{time.perf_counter() - t_start:.0f} s: {last['reason']}")
     finally:

@@ -209,7 +209,7 @@ def _served(config: Config, record: CertificateRecord, served: ServedState) -> l
     else:
         checks.append(Check(name="readout", ok=readout_reason is None,
                             fields=[] if readout_reason is None else ["readout_sha256"],
-                            detail=("served readout is the one certified with" if readout_reason is None
+                            detail=(f"served readout is the one certified with ({record.readout_sha256[:16]})" if readout_reason is None
                                     else readout_reason + since)))
     return checks
 

@@ -117,7 +117,8 @@ class DreamStatusResult(BaseModel):
     dream_at: str | None = Field(description="Local time of the nightly dream (HH:MM).")
     next_run: datetime | None = Field(description="When the nightly dream runs next.")
     timezone: str | None
-    temperature: float | None = Field(description="Sampling temperature the next cycle will use (the controller's state).")
+    temperature: float | None = Field(description="Sampling temperature of the running cycle, else the one the next "
+                                                  "cycle will use (the controller's state).")
     failure_rate: float | None = Field(description="Failure rate the last cycle measured (the controller's input).")
     last_recertify: RecertifyInfo | None
     pending_recertify: datetime | None = Field(description="When queued re-certification of stale certificates runs.")
@@ -216,10 +217,18 @@ class DreamService:
         rs = runner.status() if runner is not None else None
         last = rs.last if rs is not None else last_recorded_cycle(svc.graph)
         info = sched.info() if sched is not None and sched.scheduler.running else None
-        temperature = next_temperature(svc.graph)
+        running = ActivityInfo.of(rs.current) if rs is not None and rs.current is not None else None
+        temperature = None
+        if running is not None and running.cycle_id is not None:  # the temperature the running cycle samples at
+            temperature = getattr(self._cycle_node(running.cycle_id), "temperature", None)
+        if temperature is None:
+            temperature = next_temperature(svc.graph)
         if temperature is None and last is not None:
             temperature = last.next_temperature or last.temperature
-        running = ActivityInfo.of(rs.current) if rs is not None and rs.current is not None else None
+        if temperature is None:  # no cycle yet: where the controller starts
+            from amygdala.dream.loop import DreamSettings
+
+            temperature = DreamSettings().temperature.initial
         nightly = bool(info and info.enabled and info.next_run is not None)
         if runner is None:
             message = ("dreaming is off in this server: it runs without the training worker (--no-train); restart "

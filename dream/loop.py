@@ -94,6 +94,8 @@ class DreamSettings(BaseModel):
     max_triplets_per_case: int = Field(2, ge=1, le=64)
     forced_choice: bool = Field(True, description="Also train (context, preferred, written rejected) for sampled cases "
                                                   "whose forced choice the model gets wrong (see dream/triplets.py).")
+    rehearse: bool = Field(True, description="With forced_choice, also rehearse the written pair of sampled cases the "
+                                             "model already gets right (interleaved replay; see dream/triplets.py).")
     preferred: PreferredFrom = Field("reference", description="Preferred side of a failure triplet: the case's reference "
                                                              "reply, or its best passing on-policy sample ('best_sample').")
     max_corrections: int = Field(64, ge=0, le=10_000, description="Pending corrections joined per cycle, newest first.")
@@ -456,15 +458,18 @@ class DreamLoop:
         report.next_temperature = controller.temperature
         triplets = failure_triplets(judged, preferred=s.preferred, max_per_case=s.max_triplets_per_case)
         if s.forced_choice and cases:
-            forced = forced_choice_triplets(cases, preference_margins(lm, cases))
-            report.counts["forced_choice_failures"] = len(forced)
+            forced = forced_choice_triplets(cases, preference_margins(lm, cases), rehearse=s.rehearse)
+            report.counts["forced_choice_failures"] = sum(t.source == "forced_choice" for t in forced)
             triplets = _merge_by_case(forced, triplets)
+        if all(t.source == "rehearsal" for t in triplets):
+            triplets = []  # nothing failed: rehearsal alone is no reason to change the weights
         triplets = _interleave_by_invariant(triplets)
         triplets = correction_triplets(pending, inv_nodes) + triplets
         report.counts.update({"samples": len(judged), "failed_samples": failures, "blank_samples": responses.blank,
                               "unsampled_cases": responses.unsampled,
                               "on_policy_triplets": sum(t.source == "on_policy" for t in triplets),
                               "forced_choice_triplets": sum(t.source == "forced_choice" for t in triplets),
+                              "rehearsal_triplets": sum(t.source == "rehearsal" for t in triplets),
                               "correction_triplets": sum(t.source == "correction" for t in triplets)})
         held_contexts = held_out_contexts(specs, s.eval.held_out_templates)
         check_not_held_out(triplets, held_contexts)

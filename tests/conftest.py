@@ -24,10 +24,19 @@ def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _tiny_model_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from amygdala.engine.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny_model_dir(_tiny_model_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh copy per test: training, checkpoint sync and its undo log write into the model
+    directory, and one test's sync must never become the next test's starting checkpoint."""
+    import shutil
+
+    return Path(shutil.copytree(_tiny_model_master, tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ def spec(name: str, n: int = 9, threshold: float = 0.5) -> dict:
 def daemon(served, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("clidaemon")
     d = Daemon(served, root, token=TOKEN, extra=["--sync-delay", "3600"])
-    d.home = root / "h"
+    d.home, d.model = root / "h", served["model"]
     try:
         d.wait_ready(timeout=180)
         yield d
@@ -122,12 +122,15 @@ def test_dream_once_runs_in_the_daemon_and_a_second_start_is_refused(daemon, tmp
     assert p.returncode == 0 and p.stdout.startswith("dream cycle ") and "dream: " in p.stderr, p.stderr
 
 
-def test_certify_goes_through_the_daemon(daemon):
-    p = cli(daemon, "certify", "alpha", "--n", "4")
+def test_certify_goes_through_the_daemon(daemon, tmp_path):
+    path = tmp_path / "delta.json"
+    path.write_text(json.dumps(spec("delta")))
+    assert cli(daemon, "invariants", "add", str(path)).returncode == 0
+    p = cli(daemon, "certify", "delta", "--n", "4")
     assert p.returncode == 0, p.stderr
     assert "certified by the daemon" in p.stdout
     cid = p.stdout.split()[0]
-    p = cli(daemon, "certificates", "list", "--json")  # read locally
+    p = cli(daemon, "certificates", "list", "--json", "--model", daemon.model)  # read locally (hashes the model files)
     assert p.returncode == 0 and cid in p.stdout
     p = cli(daemon, "certify", "nope")
     assert p.returncode == 2 and "no active invariant named 'nope'" in p.stderr, p.stderr

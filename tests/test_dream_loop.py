@@ -466,3 +466,20 @@ def test_on_policy_samples_are_seeded_per_case_and_batched_like_greedy(tiny_lm) 
         ref = generate(tiny_lm, ids, max_new_tokens=8, temperature=0.0).text.split("\n")[0].rstrip()
         got = [s.text for s in per]
         assert got == ([ref if ref[:1].isspace() else " " + ref] if ref.strip() else [])
+
+
+def test_nothing_failing_means_nothing_trained(tiny_lm, graph, monkeypatch) -> None:
+    from amygdala.dream import judges
+
+    class AllPass:
+        kind = "preference"
+
+        def judge_responses(self, items):
+            return [judges.Verdict(passed=True, score=1.0, reason="ok") for _ in items]
+
+    monkeypatch.setattr(loop_mod, "build_judge", lambda spec, ctx: AllPass())
+    monkeypatch.setattr(loop_mod, "preference_margins", lambda lm, cases: [1.0] * len(cases))
+    report = make_loop(tiny_lm, graph, NoTrainer()).run_cycle(seed=2)
+    assert report.outcome == "no_failures" and report.training.jobs == [] and report.triplets == []
+    assert report.counts["samples"] > 0 and report.counts["failed_samples"] == 0
+    assert graph.get(report.id).outcome == "no_failures"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ EXPECTED_TOOLS = {"read_emotions", "test_steering", "submit_correction", "list_c
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_lm, tiny_model_dir):
+def served(tmp_path_factory, tiny_lm, _tiny_model_master):
     root = tmp_path_factory.mktemp("transport")
+    tiny_model_dir = shutil.copytree(_tiny_model_master, root / "model")  # the daemon may sync into it
     return {"model": str(tiny_model_dir), "readout": str(build_tiny_readout(tiny_lm, root)), "home": str(root / "home")}
 
 

@@ -19,7 +19,8 @@ from tests.corpus_fixture import make_corpus
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, tiny_model_dir):
+def shipped(tmp_path_factory, _tiny_model_master):
+    tiny_model_dir = _tiny_model_master  # read only here: vectors train never writes the model
     """A readout shipped by the real CLI for the saved tiny model and the fixture corpus."""
     root = tmp_path_factory.mktemp("ship")
     corpus = make_corpus(root / "corpus")

@@ -34,7 +34,7 @@ def serve(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1, help="GPUs per model (--backend vllm)."),
     home: HomeOpt = None, model: ModelOpt = None, threads: ThreadsOpt = None, max_tokens: MaxTokensOpt = None,
 ) -> None:
-    """Serve the MCP tools (read_emotions, test_steering, submit_correction, list_concepts, train_status)."""
+    """Serve the MCP tools (emotions, steering, corrections, training, dream, certificates) and the operator's review page."""
     from amygdala.home import HomeBusy
 
     from .http_app import InsecureBind, check_bind

@@ -8,8 +8,9 @@ concurrent clients.
 `--under-load` (issue 16): the agent's calls while the model dreams. Starts the daemon with its
 training worker, measures 8 concurrent MCP clients x 25 read_emotions calls idle, then starts a
 dream cycle (POST /dream/run), waits until it is in its training phase and runs the same load
-again; prints p50/p95 of both next to each other, the errors (target: none), the cycle phases the
-load overlapped and the cycle's outcome.
+again, and once more after the cycle ended (the first idle round can overlap the worker's start-up);
+prints p50/p95 of each, the errors (target: none), the cycle phases the load overlapped and the
+cycle's outcome.
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ def under_load(args: argparse.Namespace) -> None:
         while (st := httpx.get(url + "/dream/status", timeout=30).json())["running"] is not None:
             time.sleep(2.0)
         last = st["last"]
+        t0 = time.perf_counter()
+        after, after_err = anyio.run(load, url, args.clients, args.per_client)
+        report_line("idle after it", after, after_err, time.perf_counter() - t0, n)
         print(f"cycle {last['cycle_id']}: {last['outcome']} ({last['steps']} steps) in "
               f"{time.perf_counter() - t_start:.0f} s: {last['reason']}")
     finally:

@@ -146,27 +146,28 @@ def under_load(args: argparse.Namespace) -> None:
         print(f"  reached the train phase after {time.perf_counter() - t_start:.0f} s (phases {' -> '.join(phases)})",
               flush=True)
         seen: list[str] = []
-        stop = False
 
-        async def watch() -> None:
-            async with httpx.AsyncClient(timeout=30) as http:
-                while not stop:
-                    run = (await http.get(url + "/dream/status")).json().get("running")
-                    ph = run["phase"] if run else "finished"
-                    if not seen or seen[-1] != ph:
-                        seen.append(ph)
-                    await anyio.sleep(0.5)
+        async def watched_load(seen: list[str]) -> tuple[list[float], list[str]]:
+            """The load, noting what the daemon's runner did meanwhile (cycle phases, 'certify', 'idle')."""
+            stop = anyio.Event()
 
-        async def during_load() -> tuple[list[float], list[str]]:
-            nonlocal stop
+            async def watch() -> None:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    while not stop.is_set():
+                        run = (await http.get(url + "/dream/status")).json().get("running")
+                        ph = (run["phase"] if run["kind"] == "cycle" else run["kind"]) if run else "idle"
+                        if not seen or seen[-1] != ph:
+                            seen.append(ph)
+                        await anyio.sleep(0.5)
+
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 out = await load(url, args.clients, args.per_client)
-                stop = True
+                stop.set()
             return out
 
         t0 = time.perf_counter()
-        busy, busy_err = anyio.run(during_load)
+        busy, busy_err = anyio.run(watched_load, seen)
         busy_s = time.perf_counter() - t0
         report_line("idle", idle, idle_err, idle_s, n)
         report_line("during the cycle", busy, busy_err, busy_s, n)
@@ -176,8 +177,11 @@ def under_load(args: argparse.Namespace) -> None:
             time.sleep(2.0)
         last = st["last"]
         t0 = time.perf_counter()
-        after, after_err = anyio.run(load, url, args.clients, args.per_client)
-        report_line("idle after it", after, after_err, time.perf_counter() - t0, n)
+        after_seen: list[str] = []
+        after, after_err = anyio.run(watched_load, after_seen)
+        report_line("after the cycle", after, after_err, time.perf_counter() - t0, n)
+        print(f"  meanwhile the runner was: {' -> '.join(after_seen)} (a kept cycle is followed by certifying the "
+              "invariants on the new weights)")
         print(f"cycle {last['cycle_id']}: {last['outcome']} ({last['steps']} steps) in "
               f"{time.perf_counter() - t_start:.0f} s: {last['reason']}")
     finally:

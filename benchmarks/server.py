@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=None, help="Calls per client (default 12; --under-load 25).")
     ap.add_argument("--under-load", action="store_true", help="Only the case of read_emotions during a dream cycle.")
     ap.add_argument("--clients", type=int, default=8, help="--under-load: concurrent clients.")
-    ap.add_argument("--budget-steps", type=int, default=16, help="--under-load: the cycle's training steps.")
+    ap.add_argument("--budget-steps", type=int, default=10, help="--under-load: the cycle's training steps (the daemon's default).")
     ap.add_argument("--budget-minutes", type=float, default=12.0, help="--under-load: the cycle's time budget.")
     args = ap.parse_args()
     if args.per_client is None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the loop pulls in torch: imported when the command runs, so
 
 def dream_cmd(
     once: bool = typer.Option(False, "--once", help="Run one cycle now and exit (the daemon runs the nightly ones)."),
-    budget_steps: Optional[int] = typer.Option(None, "--budget-steps", min=1, help="Most optimizer steps (default 24)."),
+    budget_steps: Optional[int] = typer.Option(None, "--budget-steps", min=1, help="Most optimizer steps (default 10)."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.1,
                                                    help="Wall-clock budget of the cycle (default 15)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Sample, judge and report what would be trained; train and sync nothing."),

@@ -1,4 +1,4 @@
-"""The redo journal that makes a checkpoint write all-or-nothing across a model's files, and its replay.
+"""The journal that makes a checkpoint write all-or-nothing across a model's files, and its recovery.
 
 Why this lives in engine and not in training/checkpoint (which writes the journals): every path that
 loads a model directory must first finish an interrupted write, or it reads a half-written file.
@@ -6,25 +6,45 @@ loads a model directory must first finish an interrupted write, or it reads a ha
 training, so the journal format and its replay sit here, below both. No torch import: the crash-test
 worker and offline commands stay light.
 
-Protocol (one journal per model directory, `.amygdala-sync.journal`):
+Two modes, one journal per model directory (`.amygdala-sync.journal`), written under its lock.
+
+Undo mode (meta `mode: "undo"`, what a sync writes): every changed byte is written twice, once as
+the old bytes it replaces (which the undo log keeps anyway), once into the model file.
 1. write the header (meta JSON and its crc), the undo records (U: where the *old* bytes of every
-   block run about to be overwritten were saved, with their crcs; never replayed, they become the undo
-   log), the redo records (B: the new bytes), then a commit record; fsync the undo data, the journal
-   and its directory. Until the commit record is durable no model file has been touched, so a crash
-   leaves a torn journal and wholly old files: recovery deletes the journal.
-2. pwrite the B runs into the model files (a separate fd, never a memory map), fdatasync each file.
-3. do the meta's small file actions (`after`: whole-file writes and deletes, e.g. the undo log's
-   state file, or the undo entries a rollback consumed), then either delete the journal or, when
-   `keep_as` names a place, rename it there: it is this write's undo-log entry, and is cut after its
-   undo records (the redo bytes are in the model files now).
-The bytes themselves live beside the journal, page-aligned and written with O_DIRECT where the file
-system allows: the new bytes in `.amygdala-sync.redo` (meta `redo_data`; deleted once the journal
-is gone), the old ones in the undo data file (meta `undo_data`). Neither is read again in the normal
-case except once by the apply step, so they skip the page cache, whose page allocation (not the
-disk) is what makes writing new files slow on a busy machine; the journal itself holds only headers.
+   block run about to be overwritten were saved in the undo data file, with their crcs and the crc
+   of each new block), then a commit record; fsync the undo data, the journal and its directory.
+   Until the commit record is durable no model file has been touched: a crash leaves a torn journal
+   and wholly old files, and recovery deletes the journal (and the undo data its header names).
+2. the caller pwrites the new bytes in place (a separate fd, never a memory map) and fdatasyncs the
+   files. A crash here leaves a committed, unapplied journal: recovery writes every U run's old
+   bytes back (`restore_undo`, idempotent) and deletes the journal: the files are exactly as before
+   the write, which is lost, not torn (a sync's new bytes are the live weights, still in memory).
+3. append the applied record (D) and fdatasync the journal: from here recovery rolls forward.
+4. as redo mode's 3 below (file actions, then the journal goes or becomes the undo-log entry); an undo data
+   file no undo log keeps (meta undo_data = `.amygdala-sync.undo`) is deleted after the journal.
+If the write fails in step 2 (or the caller finds the new bytes were not consistent), it restores
+the old bytes itself and abandons the journal (`abandon_journal`): no file action runs.
+
+Redo mode (older journals, rollbacks, `journal_mode="redo"`): the new bytes are journaled too, so a
+crash after the commit still lands the write, at the cost of writing every changed byte once more
+and reading it back.
+1. as in undo mode, but after the undo records come the redo records (B inline, or R: the new bytes
+   in `.amygdala-sync.redo`), all before the commit record.
+2. pwrite the B/R runs into the model files, fdatasync each file.
+3. (the same step as undo mode's 4) do the meta's small file actions (`after`: whole-file writes and
+   deletes, e.g. the undo log's state file, or the undo entries a rollback consumed), then either
+   delete the journal or, when `keep_as` names a place, rename it there: it is this write's
+   undo-log entry, and is cut after its undo records (the redo bytes are in the model files now).
 A crash between 1 and 3 leaves a committed journal: recovery does 2 and 3 again. Both are idempotent
-(absolute offsets, whole new bytes, fixed file contents), and a normal sync applies through the same
-functions, so the recovery path runs on every sync, not only after crashes.
+(absolute offsets, whole new bytes, fixed file contents), and a normal write applies through the same
+functions, so the recovery path runs on every rollback, not only after crashes.
+
+The bytes themselves live beside the journal, page-aligned and written with O_DIRECT where the file
+system allows: the old ones in the undo data file (meta `undo_data`), the new ones (redo mode) in
+`.amygdala-sync.redo` (meta `redo_data`; deleted once the journal is gone). Neither is read again
+in the normal case except once by redo's apply step, so they skip the page cache, whose page
+allocation (not the disk) is what makes writing new files slow on a busy machine; the journal itself
+holds only headers.
 """
 
 from __future__ import annotations
@@ -52,6 +72,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".amygdala-sync.journal"
 REDO_NAME = ".amygdala-sync.redo"
+UNDO_NAME = ".amygdala-sync.undo"  # an undo-mode journal's old bytes when no undo log keeps them
 LOCK_NAME = ".amygdala-sync.lock"
 LOCK_TIMEOUT_S = 600
 MAGIC_V1 = b"AMYSYNC\x01"  # redo records only, meta without a checksum (still replayed)
@@ -62,6 +83,7 @@ _RECORD = struct.Struct("<IQII")  # B: file index, absolute offset, length, crc3
 _REDO = struct.Struct("<IQIIQ")  # R: file index, offset, length, crc32(new data), position in the redo file
 _UNDO = struct.Struct("<IQIIIIQ")  # U: file, offset, length, crc32(old data), blocks, crc32(block crcs), data position
 _COMMIT = struct.Struct("<QQI")  # records (U and B), data bytes, crc32 chained over meta and record headers
+_APPLIED = b"D" + MAGIC  # undo mode, after the commit record: every in-place write is durable
 
 EventHook = Callable[[str], None]
 
@@ -110,6 +132,7 @@ class JournalMeta(BaseModel):
     keep_as: str | None = None  # relative path the applied journal is renamed to (its undo-log entry)
     undo_data: str | None = None  # relative path of the file holding the undo records' old bytes
     redo_data: bool = False  # the redo records' bytes are in REDO_NAME, not inline
+    mode: Literal["redo", "undo"] = "redo"  # undo: no redo records, the new bytes go straight into the files
     after: list[FileAction] = []
     info: dict = {}
 
@@ -153,6 +176,7 @@ class Journal:
     records: list[JournalRecord]
     undo: list[UndoRecord] = field(default_factory=list)
     redo_start: int = 0  # where the redo records begin: an undo entry is cut here
+    applied: bool = False  # undo mode: the applied record follows the commit (the in-place writes are durable)
 
     @property
     def data_bytes(self) -> int:
@@ -177,7 +201,7 @@ class ApplyStats:
 class RecoveryReport(BaseModel):
     """What recovery found: no journal, a committed one (replayed), or a torn one (discarded)."""
 
-    status: Literal["clean", "replayed", "discarded"]
+    status: Literal["clean", "replayed", "discarded", "restored"]
     detail: str = ""
     blocks_written: int = 0
     bytes_written: int = 0
@@ -278,6 +302,7 @@ class JournalWriter:
         self._fh = open(self.path, "xb", buffering=1 << 20)  # noqa: SIM115 (closed by commit or discard)
         raw = meta.model_dump_json().encode()
         self._fh.write(MAGIC + _LEN.pack(len(raw)) + raw + _LEN.pack(zlib.crc32(raw)))
+        self._fh.flush()  # the header first (no fsync): a killed writer's recovery can name its undo data
         self._size = len(MAGIC) + 2 * _LEN.size + len(raw)
         self._chain = zlib.crc32(raw)
         self.records: list[JournalRecord] = []
@@ -285,13 +310,18 @@ class JournalWriter:
         self.redo_start: int | None = None
         self.data_bytes = 0
 
-    def add_undo(self, file_index: int, offset: int, old: memoryview | bytes, new_block_crcs: Sequence[int]) -> None:
-        """The bytes about to be replaced at `offset`, with the crc of each block of their replacement."""
+    def add_undo(self, file_index: int, offset: int, old: memoryview | bytes, new_block_crcs: Sequence[int],
+                 crc: int | None = None) -> None:
+        """The bytes about to be replaced at `offset`, with the crc of each block of their replacement.
+
+        `crc`: the crc of `old` if the caller already has it (the sync computed it while comparing, and
+        re-checks the file against it after the commit), so the bytes are not checksummed twice.
+        """
         if self.redo_start is not None:
             raise RuntimeError("undo records must all come before the first redo record")
         if self._undo_data is None:
             raise RuntimeError("this journal's meta names no undo_data file")
-        crc = zlib.crc32(old)
+        crc = zlib.crc32(old) if crc is None else crc
         position = self._undo_data.append(old)
         crcs = struct.pack(f"<{len(new_block_crcs)}I", *new_block_crcs)
         head = _UNDO.pack(file_index, offset, len(old), crc, len(new_block_crcs), zlib.crc32(crcs), position)
@@ -313,6 +343,8 @@ class JournalWriter:
 
     def add(self, file_index: int, offset: int, data: memoryview | bytes) -> None:
         """A redo run: `data` is written at `offset` of file `file_index` when the journal is applied."""
+        if self.meta.mode == "undo":
+            raise RuntimeError("an undo-mode journal has no redo records: its caller writes the files in place")
         if self.redo_start is None:
             self.redo_start = self._size
         crc = zlib.crc32(data)
@@ -348,6 +380,21 @@ class JournalWriter:
         fsync_dir(self.path.parent)
         self._on_event("journal-committed")
         return Journal(self.path, self.meta, list(self.records), list(self.undo), self.redo_start), size
+
+    def write_and_commit(self, fill: Callable[[], None]) -> tuple[Journal, int]:
+        """Run `fill` (which adds the records), then commit; any error in either discards the journal.
+
+        The one shape every writer needs: a half-written journal must never be left where the next
+        loader would find it. Returns the journal and its bytes including the undo and redo data files.
+        """
+        try:
+            fill()
+            side = self.side_bytes
+            journal, size = self.commit()
+        except BaseException:
+            self.discard()
+            raise
+        return journal, size + side
 
     def discard(self) -> None:
         if not self._fh.closed:
@@ -442,9 +489,16 @@ def _parse(path: Path, committed: bool) -> Journal:
                 total = sum(r.length for r in records) + sum(r.length for r in undo)
                 if count != len(records) + len(undo) or data_bytes != total or want_chain != chain:
                     raise TornJournal("commit record disagrees with the records")
-                if fh.read(1):
+                rest = fh.read(len(_APPLIED) + 1)
+                applied = meta.mode == "undo" and rest == _APPLIED
+                # A partial applied record is a crash while writing it: the in-place writes are not known
+                # to be durable, so the journal counts as committed and unapplied (its files are restored).
+                if rest and not applied and not (meta.mode == "undo" and _APPLIED.startswith(rest)):
+                    if meta.mode == "undo":  # committed: the files may be half-written, so never discarded
+                        raise JournalError(f"committed journal {path} has unknown data after its commit record; the "
+                                           "model files may be half-written. Restore the model directory from a backup.")
                     raise TornJournal("data after the commit record")
-                return Journal(path, meta, records, undo, redo_start)
+                return Journal(path, meta, records, undo, redo_start, applied)
             else:
                 raise TornJournal(f"no commit record (ends after {len(records)} records)")
 
@@ -456,6 +510,16 @@ def read_journal(path: Path) -> Journal:
     redo data fails its crc is damage, not a crash: JournalError (nothing is applied).
     """
     journal = _parse(Path(path), committed=True)
+    if journal.meta.mode == "undo" and not journal.applied:
+        data = undo_data_path(journal, Path(path).parent)
+        if data is None:
+            raise JournalError(f"committed undo-mode journal {path} names no undo data file; the model files may be "
+                               "half-written. Restore the model directory from a backup.")
+        with _AlignedReader(data) as reader:
+            for i, rec in enumerate(journal.undo):
+                if zlib.crc32(reader.read(rec.position, rec.length)) != rec.crc:
+                    raise JournalError(f"committed journal {path}: undo record {i}'s old bytes in {data} are corrupt; "
+                                       "the model files may be half-written. Restore the model directory from a backup.")
     if journal.meta.redo_data:
         with _AlignedReader(redo_path(Path(path).parent)) as reader:
             for i, rec in enumerate(journal.records):
@@ -632,6 +696,65 @@ def drop_journal(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
     fsync_dir(Path(path).parent)
     redo_path(Path(path).parent).unlink(missing_ok=True)
+    (Path(path).parent / UNDO_NAME).unlink(missing_ok=True)  # an undo log's own data file is pruned by the log
+
+
+def mark_applied(journal: Journal, on_event: EventHook | None = None) -> Journal:
+    """Undo mode: append the applied record, durably. Call once the in-place writes are fdatasynced.
+
+    From here on a crash rolls forward (finish_journal again) instead of restoring the old bytes.
+    """
+    if journal.meta.mode != "undo":
+        raise RuntimeError("only an undo-mode journal has an applied record")
+    with open(journal.path, "ab") as fh:
+        fh.write(_APPLIED)
+        fh.flush()
+        _datasync(fh.fileno())
+    if on_event:
+        on_event("journal-applied")
+    return Journal(journal.path, journal.meta, journal.records, journal.undo, journal.redo_start, applied=True)
+
+
+def restore_undo(journal: Journal, targets: list[Path], on_event: EventHook | None = None) -> ApplyStats:
+    """Undo mode: write every undo record's old bytes back where they came from, then fdatasync each file.
+
+    Idempotent (absolute offsets, whole old bytes), so a crash while restoring is finished by the
+    next recovery. Afterwards the files are exactly as before the write the journal belongs to.
+    """
+    data = undo_data_path(journal, journal.path.parent)
+    if data is None:
+        raise JournalError(f"undo-mode journal {journal.path} names no undo data file; restore the model directory "
+                           "from a backup")
+    fds = [os.open(p, os.O_RDWR) for p in targets]
+    writes = 0
+    try:
+        with _AlignedReader(data) as reader:
+            for rec in journal.undo:
+                writes += _pwrite_all(fds[rec.file_index], reader.read(rec.position, rec.length), rec.offset)
+                if on_event:
+                    on_event("block-restored")
+        for fd in fds:
+            _datasync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    b = journal.meta.block_size
+    return ApplyStats(writes=writes, bytes_written=journal.undo_bytes,
+                      blocks_written=sum((r.length + b - 1) // b for r in journal.undo))
+
+
+def abandon_journal(journal: Journal, model_dir: Path) -> None:
+    """Undo mode, files restored (or never touched): the journal goes durably, then its undo data.
+
+    None of the meta's file actions run and nothing is kept: the write did not happen. Until the
+    journal is gone a crash restores again; an undo data file left behind belongs to no journal and
+    is deleted by the next recovery or undo-log prune.
+    """
+    journal.path.unlink(missing_ok=True)
+    fsync_dir(journal.path.parent)
+    data = undo_data_path(journal, Path(model_dir))
+    if data is not None:
+        data.unlink(missing_ok=True)
 
 
 def finish_journal(journal: Journal, model_dir: Path, on_event: EventHook | None = None) -> None:
@@ -666,6 +789,8 @@ def finish_journal(journal: Journal, model_dir: Path, on_event: EventHook | None
     for d in [d for d in dirs if d != journal.path.parent] + [journal.path.parent]:
         fsync_dir(d)
     redo_path(model_dir).unlink(missing_ok=True)  # only now: until the journal is gone, replay needs it
+    if kept is None and journal.meta.mode == "undo" and journal.meta.undo_data:
+        (model_dir / journal.meta.undo_data).unlink(missing_ok=True)  # not kept: only crash safety needed it
     if kept is not None:
         # The redo bytes are in the model files now; the undo entry keeps header and undo records only.
         # A crash before this cut (not fsynced: only space is at stake) leaves them in; readers stop at
@@ -697,20 +822,38 @@ def recover_locked(model_dir: Path) -> RecoveryReport:
     path = journal_path(model_dir)
     if not path.exists():
         redo_path(model_dir).unlink(missing_ok=True)  # left by a process killed after its journal went
+        (Path(model_dir) / UNDO_NAME).unlink(missing_ok=True)
         return RecoveryReport(status="clean")
     try:
         journal = read_journal(path)
     except TornJournal as exc:
         # The commit record is written (and fsynced) before any model file is touched, so a journal
-        # without one means the files are wholly old.
+        # without one means the files are wholly old. Its undo data (when the header names it) is
+        # this journal's alone: a sync's is a fresh undo-log id, a rollback has none.
+        with contextlib.suppress(OSError, TornJournal):
+            meta = read_meta(path)
+            if meta.undo_data and meta.kind == "sync":
+                (Path(model_dir) / meta.undo_data).unlink(missing_ok=True)
         drop_journal(path)
         log.warning("discarded a torn sync journal in %s (%s): the checkpoint is unchanged", model_dir, exc)
         return RecoveryReport(status="discarded", detail=f"torn journal ({exc}); files were untouched")
     targets = check_targets(journal, model_dir)
-    stats = apply_journal(journal, targets)
+    if journal.meta.mode == "undo" and not journal.applied:
+        # In-place writes may have begun and are not known to be complete: put the old bytes back. The
+        # write is lost, not half-done; its new bytes were the caller's (the live weights), who syncs again.
+        stats = restore_undo(journal, targets)
+        abandon_journal(journal, model_dir)
+        log.warning("restored %s to before an interrupted %s: %d blocks", model_dir, journal.meta.kind,
+                    stats.blocks_written)
+        return RecoveryReport(status="restored", detail=f"{stats.blocks_written} blocks put back to before the "
+                              f"interrupted {journal.meta.kind}", blocks_written=stats.blocks_written,
+                              bytes_written=stats.bytes_written)
+    stats = apply_journal(journal, targets)  # undo mode, applied: no records, only the files' fdatasync
     finish_journal(journal, model_dir)
     log.warning("replayed an interrupted %s of %s: %d blocks", journal.meta.kind, model_dir, stats.blocks_written)
-    return RecoveryReport(status="replayed", detail=f"{stats.blocks_written} blocks re-applied ({journal.meta.kind})",
+    detail = (f"{stats.blocks_written} blocks re-applied ({journal.meta.kind})" if journal.meta.mode == "redo" else
+              f"its in-place writes were complete; finished the {journal.meta.kind}")
+    return RecoveryReport(status="replayed", detail=detail,
                           blocks_written=stats.blocks_written, bytes_written=stats.bytes_written)
 
 

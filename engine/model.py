@@ -206,7 +206,10 @@ def replay_journal(path: Path, echo=print) -> None:
     except SyncError as exc:
         raise ModelError(str(exc)) from None
     if report.status != "clean":
-        echo(f"amygdala: {report.status} an unfinished checkpoint journal in {path} before loading ({report.detail})")
+        what = {"restored": "undid an unfinished checkpoint sync (the files are as before it)",
+                "discarded": "discarded a torn checkpoint journal (the files were untouched)"}.get(
+                    report.status, f"{report.status} an unfinished checkpoint journal")
+        echo(f"amygdala: {what} in {path} before loading ({report.detail})")
 
 
 def load_model(config: Config, echo=print) -> LoadedModel:

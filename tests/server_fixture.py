@@ -22,6 +22,20 @@ def build_tiny_readout(lm, root: Path) -> Path:
     return out
 
 
+def call(svc, name: str, args: dict):
+    """One MCP tool call through an in-memory client on the Services' server (what an agent's call does)."""
+    import anyio
+    from mcp import Client
+
+    from amygdala.server.mcp_server import build_mcp
+
+    async def go():
+        async with Client(build_mcp(svc)) as c:
+            return await c.call_tool(name, args)
+
+    return anyio.run(go)
+
+
 def tiny_services(lm, root: Path, readout_dir: Path, **limits):
     from amygdala.memory_graph import MemoryGraph
     from amygdala.server.limits import ServerLimits

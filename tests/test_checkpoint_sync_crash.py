@@ -5,6 +5,8 @@ with unaligned tensors between two weight sets and is SIGKILLed, either at a cho
 (deterministic: before the journal commit the file must come back old, from the commit on new) or
 at a random moment while it flips the file back and forth. After each kill, recovery runs as the
 next start would, and the file must load and equal one of the two weight sets exactly.
+These run the sync in redo mode (the worker's default), the journal format older versions wrote
+and rollback uses; the default undo mode's kills are in test_checkpoint_sync_undo_mode.py.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-
-from amygdala.training.checkpoint.sync import JournalError, recover
 from amygdala.engine.checkpoint_journal import journal_path, redo_path
+from amygdala.training.checkpoint.sync import JournalError, recover
+from safetensors.numpy import load_file, save_file
 
 WORKER = Path(__file__).with_name("sync_crash_worker.py")
 ST = "model.safetensors"
@@ -107,7 +108,7 @@ def test_kills_at_random_points_leave_old_or_new(weights):
     for _ in range(30):
         proc = run_worker(w, "loop")
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.1))
+        time.sleep(rng.uniform(0.0, 0.5))  # a B-and-back cycle takes 0.1-0.3 s on a loaded 2-core machine
         proc.kill()
         proc.communicate(timeout=60)
         recover(w["dir"])  # what the next start does

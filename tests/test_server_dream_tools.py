@@ -20,7 +20,7 @@ from amygdala.server.services import start_dream
 from mcp import Client
 
 from tests.certs_fixture import polite_spec
-from tests.server_fixture import build_tiny_readout, tiny_services
+from tests.server_fixture import build_tiny_readout, call, tiny_services
 from tests.test_server_transports import Daemon, served  # noqa: F401 (fixture)
 
 DREAM_TOOLS = {"dream_status", "run_dream_now", "list_invariants", "add_invariant", "list_certificates",
@@ -48,14 +48,6 @@ def svc(tmp_path, readout_dir):
     start_dream(s)  # no trainer: no runner, an in-memory scheduler
     yield s
     s.close()
-
-
-def call(svc, name, args):
-    async def go():
-        async with Client(build_mcp(svc)) as c:
-            return await c.call_tool(name, args)
-
-    return anyio.run(go)
 
 
 def ok(r) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from mcp import Client
 
 from amygdala.server.mcp_server import build_mcp
-from tests.server_fixture import build_tiny_readout, tiny_services
+from tests.server_fixture import build_tiny_readout, call, tiny_services
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,6 @@ def svc(tmp_path, tiny_lm, readout_dir):
     s = tiny_services(tiny_lm, tmp_path, readout_dir, max_text_tokens=200, max_new_tokens=16, max_text_chars=2000)
     yield s
     s.close()
-
-
-def call(svc, name, args):
-    async def go():
-        async with Client(build_mcp(svc)) as c:
-            return await c.call_tool(name, args)
-
-    return anyio.run(go)
 
 
 def test_lists_tools_with_schemas_and_hints(svc):

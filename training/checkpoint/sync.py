@@ -4,11 +4,23 @@ The model directory *is* the checkpoint. After training changes a few percent of
 rewriting a gigabyte file is wasteful and, done with save_file over a file the live model maps,
 corrupting. Instead each file is mapped read-only, every tensor's bytes are compared with the live
 weight (cast to the file's dtype) in 4 KiB blocks aligned to the file, and only blocks that differ
-are written, with positioned writes on a separate fd, through a redo journal
-(engine.checkpoint_journal) that makes the whole directory flip from old to new atomically even if
-the process is killed. The same journal carries the old bytes of every block it overwrites: once
-applied it is kept as the sync's undo-log entry (undo.py), so the checkpoint can be put back exactly
-to any of the last `keep_undo` sync points, also after a restart.
+are written, with positioned writes on a separate fd, through an undo-mode journal
+(engine.checkpoint_journal) that makes the whole directory go from old to new atomically even if
+the process is killed: the old bytes of every block about to be overwritten are made durable first
+(commit), then the new bytes are written in place from the live weights, fdatasynced, and an
+applied record says so. A crash before the applied record is undone (the old bytes are written
+back: the files are exactly as before, and the weights, still in the trainer's memory, are synced
+again), one after it is finished. The old bytes are what the undo log keeps anyway: the journal
+becomes the sync's undo-log entry (undo.py), so the checkpoint can be put back exactly to any of
+the last `keep_undo` sync points, also after a restart (with keep_undo=0 they are deleted at the
+end). So each changed byte is written twice (old copy, in place), not three times as with a redo
+journal (still available, `journal_mode="redo"`: a crash after its commit lands the new bytes).
+
+Races, both refused with the files as before: a file changed outside the lock (its fingerprint, and
+every run's bytes against the crc taken while comparing, are checked after the commit, before the
+first in-place write), and a training step writing the weights while they are copied (the seqlock
+is read after the in-place writes, whose bytes come from the live weights: if it moved, the old
+bytes are put back, file mtimes too, and WeightsChangedError is raised for the caller to retry).
 
 Dirty tracking: a full compare reads the whole file and the whole live model (2 GB for the
 embedded model). The training worker stamps every tensor a step writes with the weights version
@@ -45,17 +57,22 @@ from typing import Any, Literal
 
 import numpy as np
 from amygdala.engine.checkpoint_journal import (
+    UNDO_NAME,
+    Journal,
     JournalWriter,
     RecoveryReport,
+    abandon_journal,
     apply_journal,
     drop_journal,
     finish_journal,
     journal_path,
     locked,
+    mark_applied,
     new_meta,
     pending_journal,
     recover,
     recover_locked,
+    restore_undo,
 )
 from pydantic import BaseModel, Field
 
@@ -100,6 +117,7 @@ COMPARE_CHUNK = 1 << 20  # compare this much at a time: stays in cache, bounds t
 POPULATE_FRACTION = 0.5  # map with MAP_POPULATE when comparing more than this share of a file
 
 AliasPolicy = Literal["copy", "refuse"]
+JournalMode = Literal["undo", "redo"]
 EventHook = Callable[[str], None]
 ChangedSince = Callable[[int], Collection[str] | None]
 Reload = Callable[[list[str]], int]
@@ -337,9 +355,27 @@ def _diff_file(lay: SafetensorsLayout, file_index: int, views: Mapping[str, Any]
     return runs, touched
 
 
+def _new_bytes(runs: list[_Run], views: Mapping[str, Any], entries: Mapping[str, TensorEntry]):
+    """(run, its new bytes) for every run, from the live weights (one file image per tensor, no copy for fp32)."""
+    name, new = None, None
+    for r in runs:
+        if r.data is not None:
+            yield r, r.data
+            continue
+        entry = entries[r.tensor]  # type: ignore[index]
+        if r.tensor != name:  # runs of one tensor are consecutive
+            name, new = r.tensor, _file_bytes(views[r.tensor], entry)
+        yield r, new[r.offset - entry.start: r.offset - entry.start + r.length]  # type: ignore[index]
+
+
 def _write_journal(writer: JournalWriter, layouts: list[SafetensorsLayout], runs: list[_Run],
-                   views: Mapping[str, Any], entries: Mapping[str, TensorEntry], with_undo: bool) -> None:
-    """Pass 2: the undo records (old bytes, straight from the file) first, then the redo records."""
+                   views: Mapping[str, Any], entries: Mapping[str, TensorEntry], with_undo: bool,
+                   with_redo: bool = True) -> None:
+    """Pass 2: the undo records (old bytes, straight from the file) first, then the redo records (redo mode).
+
+    The undo records reuse the crc pass 1 took of the same file bytes; `_check_unchanged` re-reads the
+    file against it after the commit, so a change in between is refused, not journaled.
+    """
     if with_undo:
         for i, lay in enumerate(layouts):
             mine = [r for r in runs if r.file_index == i]
@@ -349,22 +385,73 @@ def _write_journal(writer: JournalWriter, layouts: list[SafetensorsLayout], runs
                 mv = memoryview(mm)
                 try:
                     for r in mine:
-                        writer.add_undo(i, r.offset, mv[r.offset:r.offset + r.length], r.new_crcs)
+                        writer.add_undo(i, r.offset, mv[r.offset:r.offset + r.length], r.new_crcs, crc=r.old_crc)
                 finally:
                     mv.release()
-    name, new = None, None
-    for r in runs:
-        if r.data is not None:
-            writer.add(r.file_index, r.offset, r.data)
-            continue
-        entry = entries[r.tensor]  # type: ignore[index]
-        if r.tensor != name:  # runs of one tensor are consecutive: one file image per tensor
-            name, new = r.tensor, _file_bytes(views[r.tensor], entry)
-        writer.add(r.file_index, r.offset, new[r.offset - entry.start: r.offset - entry.start + r.length])  # type: ignore[index]
+    if with_redo:
+        for r, data in _new_bytes(runs, views, entries):
+            writer.add(r.file_index, r.offset, data)
 
 
-def _check_unchanged(layouts: list[SafetensorsLayout], runs: list[_Run], journal: Path) -> None:
-    """Refuse (dropping the not-yet-applied journal) if any file changed since sync read it."""
+def _write_in_place(journal: Journal, layouts: list[SafetensorsLayout], runs: list[_Run], views: Mapping[str, Any],
+                    entries: Mapping[str, TensorEntry], check_version: Callable[[], None],
+                    on_event: EventHook | None) -> int:
+    """Undo mode, after the commit: the new bytes straight from the live weights into the files, fdatasynced.
+
+    Returns the pwrite calls. On any error (WeightsChangedError included: a training step wrote the
+    weights while they were copied, so the files may mix two steps) the old bytes are put back from
+    the undo records and the journal is abandoned before the error propagates: the files are as
+    before. If even that fails, the journal stays and the next load or sync restores them.
+    """
+    on_event = on_event or (lambda _e: None)
+    targets = [lay.path for lay in layouts]
+    writes = 0
+    fds: list[int] = []
+    try:
+        try:
+            for p in targets:
+                fds.append(os.open(p, os.O_RDWR))
+            for r, data in _new_bytes(runs, views, entries):
+                writes += _pwrite_all(fds[r.file_index], data, r.offset)
+                on_event("block-written")
+            for fd in fds:
+                _datasync(fd)  # overwrites only: the data is all that must reach the disk
+        finally:
+            for fd in fds:
+                os.close(fd)
+        on_event("files-synced")
+        check_version()
+    except BaseException:
+        try:
+            restore_undo(journal, targets)
+            for lay in layouts:  # the same bytes and the same fingerprint: a retry (or CheckpointSyncer) sees no change
+                os.utime(lay.path, ns=(os.stat(lay.path).st_atime_ns, lay.fingerprint.mtime_ns))
+            abandon_journal(journal, journal.path.parent)
+        except BaseException:
+            log.exception("could not put %s back after a failed sync; the next load or sync restores it",
+                          journal.path.parent)
+        raise
+    return writes
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> int:
+    view = memoryview(data).cast("B")
+    done = calls = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite wrote {n} bytes")
+        done += n
+        calls += 1
+    return calls
+
+
+def _check_unchanged(layouts: list[SafetensorsLayout], runs: list[_Run], journal: Path,
+                     drop: Callable[[], None] | None = None) -> None:
+    """Refuse (dropping the journal, whose writes have not begun) if any file changed since sync read it."""
     written = {r.file_index for r in runs}
     for i in sorted(written):
         lay = layouts[i]
@@ -379,7 +466,7 @@ def _check_unchanged(layouts: list[SafetensorsLayout], runs: list[_Run], journal
             finally:
                 os.close(fd)
         if why is not None:
-            drop_journal(journal)
+            drop() if drop is not None else drop_journal(journal)
             raise StaleFileError(f"{lay.path} changed on disk while syncing ({why}); nothing was written. "
                                  "Another process is writing this checkpoint: stop it, then sync again.")
 
@@ -427,7 +514,8 @@ def _live_map(live: Any, files: list[Path], on_alias: AliasPolicy, lock: Any,
 def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block_size: int,
           expect: Mapping[str, Fingerprint] | None, on_alias: AliasPolicy, lock: Any,
           on_event: EventHook | None, progress: bool, weights_version: Callable[[], int] | None = None,
-          only: Collection[str] | None = None, keep_undo: int = DEFAULT_KEEP, label: str | None = None) -> _Outcome:
+          only: Collection[str] | None = None, keep_undo: int = DEFAULT_KEEP, label: str | None = None,
+          journal_mode: JournalMode = "undo") -> _Outcome:
     from tqdm import tqdm
 
     if sys.byteorder != "little":
@@ -436,6 +524,8 @@ def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block
         raise ValueError(f"block_size {block_size}: use a multiple of 64 (default {BLOCK_SIZE})")
     if keep_undo < 0:
         raise ValueError(f"keep_undo {keep_undo}: use 0 (no undo log) or more")
+    if journal_mode not in ("undo", "redo"):
+        raise ValueError(f"journal_mode {journal_mode!r}: use 'undo' (default) or 'redo'")
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     files = model_files(model_dir)
@@ -478,8 +568,8 @@ def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block
                 runs += r
                 touched += t
 
-        def check_version() -> None:
-            if weights_version and (version % 2 or weights_version() != version):  # type: ignore[operator]
+        def check_version(read: bool = True) -> None:
+            if weights_version and (version % 2 or (read and weights_version() != version)):  # type: ignore[operator]
                 raise WeightsChangedError("a training step wrote the live weights while sync was reading them; "
                                           "nothing was written. Sync again once the training job has finished.")
 
@@ -491,27 +581,34 @@ def _sync(model_dir: Path, live: Any, *, names: NameScheme, dry_run: bool, block
             check_version()
         else:
             slot = reserve(model_dir) if with_undo else None
+            in_place = journal_mode == "undo"
             info = {"tensors": touched, "blocks": blocks, "bytes": nbytes, "weights_version": version, "label": label,
                     "parent": slot.parent if slot else None}
+            undo_data = slot.undo_data if slot else UNDO_NAME if in_place else None
             meta = new_meta(block_size, [(lay.path.name, lay.size, lay.fingerprint.header_sha256) for lay in layouts],
                             kind="sync", sync_id=slot.sync_id if slot else None, keep_as=slot.keep_as if slot else None,
-                            undo_data=slot.undo_data if slot else None, after=slot.after if slot else [], info=info,
-                            redo_data=True)
+                            undo_data=undo_data, after=slot.after if slot else [], info=info,
+                            redo_data=not in_place, mode=journal_mode)
             jpath = journal_path(model_dir)
             writer = JournalWriter(jpath, meta, on_event=on_event)
-            try:
-                _write_journal(writer, layouts, runs, views, entries, with_undo)
-                check_version()
-                side_bytes = writer.side_bytes
-                journal, journal_bytes = writer.commit()
-                journal_bytes += side_bytes
-            except BaseException:
-                writer.discard()
-                raise
-            _check_unchanged(layouts, runs, jpath)
-            stats = apply_journal(journal, [lay.path for lay in layouts], on_event=on_event)
+
+            def fill() -> None:
+                _write_journal(writer, layouts, runs, views, entries, with_undo or in_place, with_redo=not in_place)
+                # Undo mode reads the weights once more, for the in-place writes, so the seqlock is read
+                # after them; here only a step already known to be running (odd version) stops it early.
+                check_version(read=not in_place)
+
+            journal, journal_bytes = writer.write_and_commit(fill)
+            if in_place:
+                # Old bytes durable, nothing in the files touched yet: check, write in place, mark applied.
+                _check_unchanged(layouts, runs, jpath, drop=lambda: abandon_journal(journal, model_dir))
+                writes = _write_in_place(journal, layouts, runs, views, entries, check_version, on_event)
+                journal = mark_applied(journal, on_event)
+            else:
+                _check_unchanged(layouts, runs, jpath)
+                writes = apply_journal(journal, [lay.path for lay in layouts], on_event=on_event).writes
             finish_journal(journal, model_dir, on_event=on_event)
-            writes, undo_bytes = stats.writes, journal.undo_bytes
+            undo_bytes = journal.undo_bytes if slot else 0
             sync_id = slot.sync_id if slot else None
             if slot:
                 prune(model_dir, keep_undo)
@@ -532,24 +629,28 @@ def sync_checkpoint(model_dir: Path, live: Any, *, names: NameScheme = "transfor
                     on_alias: AliasPolicy = "copy", lock: Any = None, on_event: EventHook | None = None,
                     progress: bool = False, weights_version: Callable[[], int] | None = None,
                     only: Collection[str] | None = None, keep_undo: int = DEFAULT_KEEP,
-                    label: str | None = None) -> SyncReport:
+                    label: str | None = None, journal_mode: JournalMode = "undo") -> SyncReport:
     """Write the blocks of `model_dir`'s safetensors files that differ from `live`, crash-safely.
 
     `live`: an nn.Module (its state_dict; weights mapped from the target files are first copied into
     private memory, under `lock` if given, unless on_alias="refuse") or a name -> tensor mapping
     (torch or numpy). `names`: "transformers" (identity) or "vllm" (packed qkv/gate_up split back).
     `expect`: file name -> fingerprint the files must still have (see CheckpointSyncer).
-    `on_event`: called at each step ("journal-undo", "journal-record", "journal-committed",
-    "block-written", "files-synced", "done"), for progress and crash tests. `weights_version`: a
+    `on_event`: called at each step ("journal-undo", "journal-record" (redo mode), "journal-committed",
+    "block-written", "files-synced", "journal-applied" (undo mode), "done"), for progress and crash tests. `weights_version`: a
     seqlock reader (odd while training writes, e.g. `lambda: client.weights_version`); if it is odd
     or moves while the weights are read, WeightsChangedError, so a checkpoint never mixes two
     training steps. `only`: live tensor names to compare (the rest are known to equal the files);
     None compares everything. `keep_undo`: syncs kept in the undo log (0: none, and no old bytes
-    are journaled). Raises a SyncError subclass, with the files untouched, on any refusal.
+    are kept; they are still journaled for crash safety, then deleted). `journal_mode`: "undo" (the
+    default: old bytes journaled, new bytes written in place; a crash before the end restores the
+    old files, the live weights still hold the new ones) or "redo" (the new bytes journaled too and
+    replayed after a crash: for callers that cannot sync again; every changed byte is written
+    twice more). Raises a SyncError subclass, with the files untouched, on any refusal.
     """
     return _sync(Path(model_dir), live, names=names, dry_run=dry_run, block_size=block_size, expect=expect,
                  on_alias=on_alias, lock=lock, on_event=on_event, progress=progress, weights_version=weights_version,
-                 only=only, keep_undo=keep_undo, label=label).report
+                 only=only, keep_undo=keep_undo, label=label, journal_mode=journal_mode).report
 
 
 def _read_file_tensors(model_dir: Path, wanted: Collection[str]) -> dict[str, np.ndarray]:

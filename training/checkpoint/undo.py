@@ -387,14 +387,7 @@ def rollback(model_dir: Path, to: int | None = None, *, expect: Mapping[str, Fin
         meta = new_meta(first.meta.block_size, files, kind="rollback", sync_id=target, after=after, redo_data=True,
                         info={"undone": [i for i, _ in chain], "from": state.head, "to": target, "tensors": tensors})
         writer = JournalWriter(journal_path(model_dir), meta, on_event=on_event)
-        try:
-            _write_runs(writer, sources, first.meta.block_size)
-            side_bytes = writer.side_bytes
-            journal, journal_bytes = writer.commit()
-            journal_bytes += side_bytes
-        except BaseException:
-            writer.discard()
-            raise
+        journal, journal_bytes = writer.write_and_commit(lambda: _write_runs(writer, sources, first.meta.block_size))
         stats = apply_journal(journal, targets, on_event=on_event)
         finish_journal(journal, model_dir, on_event=on_event)
         after_fp = {p.name: fingerprint(p) for p in targets}

@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--no-forced-choice", action="store_true", help="Train on-policy failures and corrections only.")
     ap.add_argument("--no-rehearse", action="store_true", help="No rehearsal triplets for cases the model gets right.")
+    ap.add_argument("--on-policy-ratio", type=float, default=None, help="Cap on-policy triplets per written pair.")
     ap.add_argument("--held-out-templates", type=int, default=None)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--json-out", type=Path, default=None)
@@ -55,7 +56,7 @@ def main() -> None:
     overrides = {"budget_steps": args.budget_steps, "budget_minutes": args.budget_minutes, "lr": args.lr,
                  "cases_per_invariant": args.cases, "samples_per_case": args.samples,
                  "train_batch_size": args.train_batch, "preferred": args.preferred,
-                 "max_new_tokens": args.max_new_tokens, "forced_choice": False if args.no_forced_choice else None,
+                 "max_new_tokens": args.max_new_tokens, "on_policy_ratio": args.on_policy_ratio, "forced_choice": False if args.no_forced_choice else None,
                  "rehearse": False if args.no_rehearse else None}
     ev = {} if args.held_out_templates is None else {"held_out_templates": args.held_out_templates}
     settings = DreamSettings(**{k: v for k, v in overrides.items() if v is not None}, eval=EvalSettings(**ev))

@@ -97,6 +97,9 @@ class DreamSettings(BaseModel):
                                                   "whose forced choice the model gets wrong (see dream/triplets.py).")
     rehearse: bool = Field(True, description="With forced_choice, also rehearse the written pair of sampled cases the "
                                              "model already gets right (interleaved replay; see dream/triplets.py).")
+    on_policy_ratio: float | None = Field(None, ge=0, le=100, description="Most on-policy triplets per written-pair "
+                                          "triplet (forced choice + rehearsal) of the same invariant; None: no cap. "
+                                          "Measured: a mix dominated by on-policy triplets costs listen 7-10 points.")
     preferred: PreferredFrom = Field("reference", description="Preferred side of a failure triplet: the case's reference "
                                                              "reply, or its best passing on-policy sample ('best_sample').")
     max_corrections: int = Field(64, ge=0, le=10_000, description="Pending corrections joined per cycle, newest first.")
@@ -463,6 +466,8 @@ class DreamLoop:
         if s.forced_choice and cases:
             forced = forced_choice_triplets(cases, preference_margins(lm, cases), rehearse=s.rehearse)
             report.counts["forced_choice_failures"] = sum(t.source == "forced_choice" for t in forced)
+            if s.on_policy_ratio is not None:
+                triplets = _cap_on_policy(triplets, forced, s.on_policy_ratio)
             triplets = _merge_by_case(forced, triplets)
         if all(t.source == "rehearsal" for t in triplets):
             triplets = []  # nothing failed: rehearsal alone is no reason to change the weights
@@ -776,6 +781,26 @@ def _merge_by_case(first: list[Triplet], rest: list[Triplet]) -> list[Triplet]:
     for t in [*first, *rest]:
         order.setdefault(t.case_id, []).append(t)
     return [t for group in order.values() for t in group]
+
+
+def _cap_on_policy(on_policy: list[Triplet], written: list[Triplet], ratio: float) -> list[Triplet]:
+    """At most `ratio` on-policy triplets per written-pair triplet of each invariant, lowest scores first.
+
+    Why: the shipped pair fails asymmetrically (push-back's on-policy samples almost all fail), so an
+    uncapped list is mostly "object here" triplets, and training on it teaches objecting everywhere.
+    """
+    per_inv: dict[str | None, int] = {}
+    for t in written:
+        per_inv[t.invariant] = per_inv.get(t.invariant, 0) + 1
+    ranked = sorted(range(len(on_policy)), key=lambda i: (on_policy[i].score if on_policy[i].score is not None else 0.0, i))
+    used: dict[str | None, int] = {}
+    keep: set[int] = set()
+    for i in ranked:
+        inv = on_policy[i].invariant
+        if used.get(inv, 0) < math.floor(ratio * per_inv.get(inv, 0)):
+            used[inv] = used.get(inv, 0) + 1
+            keep.add(i)
+    return [t for i, t in enumerate(on_policy) if i in keep]
 
 
 def _interleave_by_invariant(triplets: list[Triplet]) -> list[Triplet]:

@@ -483,3 +483,19 @@ def test_nothing_failing_means_nothing_trained(tiny_lm, graph, monkeypatch) -> N
     assert report.outcome == "no_failures" and report.training.jobs == [] and report.triplets == []
     assert report.counts["samples"] > 0 and report.counts["failed_samples"] == 0
     assert graph.get(report.id).outcome == "no_failures"
+
+
+def test_on_policy_cap_keeps_the_worst_failures_per_invariant() -> None:
+    def t(inv: str, source: str, score: float, i: int) -> Triplet:
+        return Triplet(context=f"User: q{i}\nAssistant:", preferred=" yes", rejected=f" no {i}", source=source,  # type: ignore[arg-type]
+                       invariant=inv, case_id=f"{inv}-{i}", score=score)
+
+    written = [t("a", "rehearsal", 0.5, i) for i in range(4)] + [t("b", "forced_choice", -0.2, i) for i in range(2)]
+    on_policy = [t("a", "on_policy", -0.1 * i, i) for i in range(10)] + [t("b", "on_policy", -0.3, 9)]
+    kept = loop_mod._cap_on_policy(on_policy, written, 0.5)
+    assert [x.case_id for x in kept if x.invariant == "a"] == ["a-8", "a-9"]  # the two lowest scores, in list order
+    assert [x.case_id for x in kept if x.invariant == "b"] == ["b-9"]
+    assert loop_mod._cap_on_policy(on_policy, written, 0.0) == []
+    assert len(loop_mod._cap_on_policy(on_policy, written, 100)) == len(on_policy)
+    with pytest.raises(Exception):
+        DreamSettings(on_policy_ratio=-1)

@@ -98,8 +98,8 @@ class DreamSettings(BaseModel):
     rehearse: bool = Field(True, description="With forced_choice, also rehearse the written pair of sampled cases the "
                                              "model already gets right (interleaved replay; see dream/triplets.py).")
     on_policy_ratio: float | None = Field(None, ge=0, le=100, description="Most on-policy triplets per written-pair "
-                                          "triplet (forced choice + rehearsal) of the same invariant; None: no cap. "
-                                          "Measured: a mix dominated by on-policy triplets costs listen 7-10 points.")
+                                          "triplet (forced choice + rehearsal) of the same invariant; None: no cap "
+                                          "(an experiment knob: at 0.5 it did not bind in the benchmark's cycle).")
     preferred: PreferredFrom = Field("reference", description="Preferred side of a failure triplet: the case's reference "
                                                              "reply, or its best passing on-policy sample ('best_sample').")
     max_corrections: int = Field(64, ge=0, le=10_000, description="Pending corrections joined per cycle, newest first.")
@@ -786,8 +786,8 @@ def _merge_by_case(first: list[Triplet], rest: list[Triplet]) -> list[Triplet]:
 def _cap_on_policy(on_policy: list[Triplet], written: list[Triplet], ratio: float) -> list[Triplet]:
     """At most `ratio` on-policy triplets per written-pair triplet of each invariant, lowest scores first.
 
-    Why: the shipped pair fails asymmetrically (push-back's on-policy samples almost all fail), so an
-    uncapped list is mostly "object here" triplets, and training on it teaches objecting everywhere.
+    Why: the shipped pair fails asymmetrically (push-back's on-policy samples fail far more often), so
+    an uncapped list can tilt towards "object here" triplets and teach objecting everywhere.
     """
     per_inv: dict[str | None, int] = {}
     for t in written:

@@ -648,14 +648,14 @@ def check_targets(journal: Journal, model_dir: Path, what: str = "unfinished syn
 
 # --- applying -------------------------------------------------------------------------------------
 
-_datasync = getattr(os, "fdatasync", os.fsync)
+datasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
-    done = 0
-    calls = 0
-    view = memoryview(data)
-    while done < len(data):
+def pwrite_all(fd: int, data: object, offset: int) -> int:
+    """Write all of `data` (bytes or any buffer, e.g. a tensor's memoryview) at `offset`; returns the pwrite calls."""
+    view = memoryview(data).cast("B")  # type: ignore[arg-type]
+    done = calls = 0
+    while done < len(view):
         n = os.pwrite(fd, view[done:], offset + done)
         if n <= 0:
             raise OSError(f"pwrite wrote {n} bytes")
@@ -683,10 +683,10 @@ def apply_journal(journal: Journal, targets: list[Path], on_event: EventHook | N
                     raise OSError(f"journal {journal.path} shrank while replaying")
                 return data
         for rec in journal.records:
-            writes += _pwrite_all(fds[rec.file_index], read(rec.position, rec.length), rec.offset)
+            writes += pwrite_all(fds[rec.file_index], read(rec.position, rec.length), rec.offset)
             on_event("block-written")
         for fd in fds:
-            _datasync(fd)  # overwrites only: size unchanged, so the data is all that must reach disk
+            datasync(fd)  # overwrites only: size unchanged, so the data is all that must reach disk
         on_event("files-synced")
     return ApplyStats(writes=writes, bytes_written=journal.data_bytes, blocks_written=journal.blocks())
 
@@ -709,7 +709,7 @@ def mark_applied(journal: Journal, on_event: EventHook | None = None) -> Journal
     with open(journal.path, "ab") as fh:
         fh.write(_APPLIED)
         fh.flush()
-        _datasync(fh.fileno())
+        datasync(fh.fileno())
     if on_event:
         on_event("journal-applied")
     return Journal(journal.path, journal.meta, journal.records, journal.undo, journal.redo_start, applied=True)
@@ -730,11 +730,11 @@ def restore_undo(journal: Journal, targets: list[Path], on_event: EventHook | No
     try:
         with _AlignedReader(data) as reader:
             for rec in journal.undo:
-                writes += _pwrite_all(fds[rec.file_index], reader.read(rec.position, rec.length), rec.offset)
+                writes += pwrite_all(fds[rec.file_index], reader.read(rec.position, rec.length), rec.offset)
                 if on_event:
                     on_event("block-restored")
         for fd in fds:
-            _datasync(fd)
+            datasync(fd)
     finally:
         for fd in fds:
             os.close(fd)

@@ -62,12 +62,14 @@ from amygdala.engine.checkpoint_journal import (
     JournalWriter,
     RecoveryReport,
     abandon_journal,
+    datasync,
     apply_journal,
     drop_journal,
     finish_journal,
     journal_path,
     locked,
     mark_applied,
+    pwrite_all,
     new_meta,
     pending_journal,
     recover,
@@ -412,10 +414,10 @@ def _write_in_place(journal: Journal, layouts: list[SafetensorsLayout], runs: li
             for p in targets:
                 fds.append(os.open(p, os.O_RDWR))
             for r, data in _new_bytes(runs, views, entries):
-                writes += _pwrite_all(fds[r.file_index], data, r.offset)
+                writes += pwrite_all(fds[r.file_index], data, r.offset)
                 on_event("block-written")
             for fd in fds:
-                _datasync(fd)  # overwrites only: the data is all that must reach the disk
+                datasync(fd)  # overwrites only: the data is all that must reach the disk
         finally:
             for fd in fds:
                 os.close(fd)
@@ -432,21 +434,6 @@ def _write_in_place(journal: Journal, layouts: list[SafetensorsLayout], runs: li
                           journal.path.parent)
         raise
     return writes
-
-
-_datasync = getattr(os, "fdatasync", os.fsync)
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> int:
-    view = memoryview(data).cast("B")
-    done = calls = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(f"pwrite wrote {n} bytes")
-        done += n
-        calls += 1
-    return calls
 
 
 def _check_unchanged(layouts: list[SafetensorsLayout], runs: list[_Run], journal: Path,

@@ -386,10 +386,12 @@ class TrainingClient:
         return failed
 
     def _commit(self, results: list[JobResult]) -> None:
-        """Publish finished results: only now do wait() and job() see them, so hooks have already run."""
+        """Publish finished results: only now do wait(), job() and status().jobs_finished see them, so
+        hooks (which mark corrections trained) have already run when a caller sees a job as finished."""
         with self._cond:
             for res in results:
                 self._jobs[res.job_id] = res
+                self._finished += 1
             self._cond.notify_all()
 
     def _listen(self) -> None:
@@ -472,7 +474,6 @@ class TrainingClient:
                         self._queue.remove(result.job_id)
                     if self._current == result.job_id:
                         self._current = self._step = self._total = None
-                    self._finished += 1
                     self._snapshots = list(msg.get("snapshots", []))
                     if result.loss is not None:
                         self._loss = result.loss

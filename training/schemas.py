@@ -247,7 +247,8 @@ class TrainStatus(BaseModel):
     total_steps: int | None = None
     loss: float | None = None
     last_error: str | None = None
-    jobs_finished: int = 0
+    jobs_finished: int = Field(0, description="Jobs that ended (done, failed or cancelled), counted once their "
+                               "on_job_finished hooks ran: corrections are already marked when this moves.")
     weights_version: int = Field(0, description="Even: weights stable; odd: a step is being applied right now.")
     optimizer: str = ""
     rollback_available: list[str] = Field(default_factory=list)

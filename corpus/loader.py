@@ -107,6 +107,23 @@ class Corpus:
         train_corpus = Corpus(self.manifest, self.root, train, self.scenarios, self.neutral, list(self.warnings))
         return train_corpus, held
 
+    def families_subset(self, families: list[str]) -> "Corpus":
+        """The corpus restricted to some families: their emotions, stories and framings, every baseline
+        and neutral paragraph. A readout built on it costs a fraction of the full build, which is what
+        the slow reproducibility test needs to rerun the whole build path on CI."""
+        known = [f.id for f in self.manifest.families]
+        unknown = sorted(set(families) - set(known))
+        if unknown or not families:
+            raise ValueError(f"unknown or no families {unknown or families}; choose from {known}")
+        fams = tuple(f for f in self.manifest.families if f.id in families)
+        emotions = tuple(e for e in self.manifest.emotions if e.family in families)
+        keep = {e.id for e in emotions}
+        manifest = Manifest(version=self.manifest.version, families=fams, emotions=emotions)
+        stories = {k: list(v) for k, v in self.stories.items() if k in keep}
+        scenarios = {n: Scenario(s.name, s.baseline, {k: t for k, t in s.framings.items() if k in keep})
+                     for n, s in self.scenarios.items()}
+        return Corpus(manifest, self.root, stories, scenarios, list(self.neutral), list(self.warnings))
+
     # -- identity -------------------------------------------------------------------------
     def content_hash(self) -> str:
         """Hash of the manifest ids and every text, stable across machines and file order."""

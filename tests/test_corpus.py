@@ -135,3 +135,19 @@ def open_171():
 
     here = Path(__file__).resolve().parent / "data" / "emotions_171.txt"
     return here.read_text().splitlines()
+
+
+def test_families_subset_keeps_only_those_families_and_every_baseline():
+    from amygdala.corpus import load_corpus
+
+    full = load_corpus()
+    sub = full.families_subset(["longing", "shame"])
+    assert {e.family for e in sub.manifest.emotions} == {"longing", "shame"}
+    keep = set(sub.manifest.ids)
+    assert set(sub.stories) <= keep and all(sub.stories[k] == full.stories[k] for k in sub.stories)
+    assert all(set(s.framings) <= keep for s in sub.scenarios.values())
+    assert len(sub.baselines()) == len(full.baselines()) and sub.neutral == full.neutral
+    assert all(sub.scenarios[n].framings == {k: t for k, t in s.framings.items() if k in keep} for n, s in full.scenarios.items())
+    assert full.manifest.emotions != sub.manifest.emotions  # the full corpus is untouched
+    with pytest.raises(ValueError, match="choose from"):
+        full.families_subset(["no-such-family"])

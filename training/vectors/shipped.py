@@ -7,8 +7,10 @@ tensors it was built from (`LoadedModel.weights_hash`, over tensor names and byt
 header, which checkpoint sync keeps while it rewrites the bytes), the corpus hash and the hash of
 the build settings. A first start whose model, corpus and settings hash the same copies it into the
 home's readouts directory at once; any difference is reported in one line naming the hash and the
-readout is built as before. `tests/test_shipped_readout_slow.py` rebuilds it from scratch and
-compares, so the shipped file cannot go stale silently.
+readout is built as before. `tests/test_shipped_readout_slow.py` checks those hashes against today's
+and rebuilds two corpus families from scratch against `tests/data/subset_readout` (the same build
+path in ~2 min; the full 10-25 min rebuild runs with AMYGDALA_FULL_REBUILD=1), so the shipped file
+cannot go stale silently. After re-shipping, run `tests/data/make_subset_readout.py`.
 
 Storage: the readout vectors and steering directions may be float16 (half the package size) when
 measured to change scores (vectors) or pushes (directions) by at most `HALF_TOLERANCE`; every

@@ -39,18 +39,18 @@ def test_fresh_home_uses_the_shipped_readout_at_once(embedded_config, embedded_l
     assert len(r.concepts) == 267 and r.manifest.drift_probe
 
 
-def _same_readout(fresh, stored, texts):
+def _same_readout(fresh, stored, texts, fix):
     m_new, m_old = fresh.manifest, stored.manifest
     for key in ("concepts", "families", "layers", "default_layers", "pooling", "standardize", "pca_share", "whiten",
                 "window", "corpus_hash", "drift_probe"):
-        assert getattr(m_new, key) == getattr(m_old, key), key
-    assert m_new.model.weights_hash == m_old.model.weights_hash
+        assert getattr(m_new, key) == getattr(m_old, key), f"{key} differs; {fix}"
+    assert m_new.model.weights_hash == m_old.model.weights_hash, fix
     a = fresh.read(texts, layers=m_new.layers)
     b = stored.read(texts, layers=m_old.layers)
     worst = max(float((x.per_layer[i] - y.per_layer[i]).abs().max()) for x, y in zip(a, b) for i in m_new.layers)
-    assert worst <= TOLERANCE, f"scores differ from the stored readout by up to {worst:.2e} z"
+    assert worst <= TOLERANCE, f"scores differ from the stored readout by up to {worst:.2e} z; {fix}"
     for i in m_new.layers:
-        assert torch.allclose(fresh.layers[i].score_std, stored.layers[i].score_std, rtol=1e-3, atol=1e-5)
+        assert torch.allclose(fresh.layers[i].score_std, stored.layers[i].score_std, rtol=1e-3, atol=1e-5), fix
 
 
 def _probe_texts(corpus):
@@ -83,7 +83,8 @@ def test_rebuild_of_a_corpus_subset_from_scratch_matches_its_stored_readout(embe
     corpus = load_corpus().families_subset(mod.SUBSET_FAMILIES)
     fresh = build_readout(embedded_lm, corpus, tmp_path / "fresh", plots=False, echo=lambda m: None, cache_dir=None).readout
     stored = ReadoutManager.from_file(mod.OUT, model=embedded_lm)
-    _same_readout(fresh, stored, _probe_texts(corpus))
+    _same_readout(fresh, stored, _probe_texts(corpus), "re-ship (`amygdala vectors train --ship`), then run "
+                  "`python tests/data/make_subset_readout.py`")
 
 
 @pytest.mark.skipif(not os.environ.get("AMYGDALA_FULL_REBUILD"), reason="the full rebuild takes 10-25 min; set "
@@ -93,4 +94,4 @@ def test_rebuild_from_scratch_matches_the_shipped_readout(embedded_lm, tmp_path)
     d, _ = _shipped(embedded_lm)
     corpus = load_corpus()
     fresh = build_readout(embedded_lm, corpus, tmp_path / "fresh", plots=False, echo=lambda m: None, cache_dir=None).readout
-    _same_readout(fresh, ReadoutManager.from_file(d, model=embedded_lm), _probe_texts(corpus))
+    _same_readout(fresh, ReadoutManager.from_file(d, model=embedded_lm), _probe_texts(corpus), "re-ship")

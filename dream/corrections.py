@@ -57,6 +57,11 @@ class CorrectionLifecycle:
         self.tokenizer = tokenizer
         self.trainer: TrainerPort | None = None
         self._queue_lock = threading.Lock()  # one check-then-queue at a time: a correction gets one job
+        # A job can finish before mark_queued records who it holds (trainer.submit returns first, and a
+        # one-example job on a small model takes milliseconds). Its outcome waits here for mark_queued;
+        # this lock, never held across submit, orders the two.
+        self._finish_lock = threading.Lock()
+        self._unclaimed: dict[str, JobResult] = {}
         if trainer is not None:
             self.attach(trainer)
 
@@ -113,10 +118,13 @@ class CorrectionLifecycle:
 
     def mark_queued(self, correction_ids: list[str], job_id: str) -> list[Correction]:
         """Record that `job_id` holds these pending corrections (the dream loop batches many into one job)."""
-        out = []
-        for cid in correction_ids:
-            out.append(self.graph.set_correction_status(cid, "queued", job_id=job_id, expect="pending",
-                                                        note=f"training job {job_id}"))
+        with self._finish_lock:
+            out = [self.graph.set_correction_status(cid, "queued", job_id=job_id, expect="pending",
+                                                    note=f"training job {job_id}") for cid in correction_ids]
+            early = self._unclaimed.pop(job_id, None)
+            if early is not None:  # it finished before we got here: apply its outcome now
+                self._apply(early, out)
+                out = [self._correction(c.id) for c in out]
         return out
 
     # -- events ------------------------------------------------------------------------------------
@@ -124,7 +132,17 @@ class CorrectionLifecycle:
         """queued -> trained (steps applied) or back to pending (failed, cancelled, dry run, nothing applied)."""
         if result.dry_run:
             return
-        for corr in self._held_by(result.job_id):
+        with self._finish_lock:
+            held = self._held_by(result.job_id)
+            if held:
+                self._apply(result, held)
+                return
+            self._unclaimed[result.job_id] = result
+            while len(self._unclaimed) > 256:  # jobs nobody will claim (not correction jobs): keep it bounded
+                del self._unclaimed[next(iter(self._unclaimed))]
+
+    def _apply(self, result: JobResult, held: list[Correction]) -> None:
+        for corr in held:
             if result.state == "done" and result.steps_applied > 0:
                 self.graph.set_correction_status(corr.id, "trained", expect="queued", job_id=result.job_id,
                                                  note=f"job {result.job_id}: {result.steps_applied} step(s) applied, "

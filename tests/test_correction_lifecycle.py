@@ -199,3 +199,22 @@ def test_mcp_concurrent_submit_correction_calls(tmp_path, tiny_lm):
         assert svc.graph.stats().corrections_by_status == {"trained": 1}
     finally:
         svc.close()
+
+
+class InstantTrainer(FakeTrainer):
+    """A job that finishes inside submit: its hooks run before mark_queued records who it holds."""
+
+    def submit(self, job: TrainJob) -> str:
+        job_id = super().submit(job)
+        self.finish(job_id)
+        return job_id
+
+
+def test_a_job_that_finishes_before_mark_queued_still_marks_its_correction_trained(graph, tiny_lm):
+    tr = InstantTrainer()
+    life = CorrectionLifecycle(graph, tiny_lm.tokenizer, tr)
+    out = life.submit("User: ship it?\nAssistant:", " Not before the tests pass.", " Shipping now.", train_now=True)
+    c = graph.get(out.correction.id)
+    assert c.status == "trained" and c.job_id == "job-0", c.status
+    assert [h.status for h in c.history] == ["pending", "queued", "trained"]
+    assert out.correction.status == "trained"
